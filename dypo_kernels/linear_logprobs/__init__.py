@@ -1,0 +1,105 @@
+"""fused_linear_logprobs: token log-probs (and entropies) of a linear head's softmax without the logits."""
+
+import torch
+
+from dypo_kernels.backend import select_backend
+from dypo_kernels.linear_logprobs import cpu
+from dypo_kernels.validation import check_linear_head, check_same_device, check_targets, check_temperature
+
+
+def _implementation(backend):
+    if backend == "triton":
+        from dypo_kernels.linear_logprobs import triton_kernels
+
+        return triton_kernels.forward, triton_kernels.backward
+    return (lambda *args: cpu.forward(*args, backend),
+            lambda *args: cpu.backward(*args[:-1], backend, args[-1]))
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """hidden [N, D] (rows already free of ignored targets), weight [V, D], bias [V] or None, targets [N] int64.
+    Returns fp32 (logps, entropy) [N]; saves only per-row fp32 statistics, the logits are recomputed backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend):
+        if hidden.shape[0] == 0:  # every target ignored: keep the graph, with zero gradients
+            lse = target_logit = entropy = hidden.new_zeros(0, dtype=torch.float32)
+        else:
+            forward_impl, _ = _implementation(backend)
+            lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.inv_temperature = inv_temperature
+        ctx.backend = backend
+        ctx.mark_non_differentiable(lse)
+        return target_logit - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if hidden.shape[0] == 0:
+            return (torch.zeros_like(hidden) if needs[0] else None, torch.zeros_like(weight) if needs[1] else None,
+                    torch.zeros_like(bias) if needs[2] else None, None, None, None)
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        _, backward_impl = _implementation(ctx.backend)
+        grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(),
+                              None if grad_entropy is None else grad_entropy.float().contiguous(),
+                              ctx.inv_temperature, needs)
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, weight)))
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False):
+    """Log-probabilities of ``targets`` under softmax((hidden @ weight.T + bias) / temperature), never building
+    the logits.
+
+    lp_t = z_t[y_t] - logsumexp(z_t), and with ``return_entropy`` H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v,
+    where z_t = (W h_t + b) / temperature (DESIGN.md section 1; the token log-prob of the DYPO paper's eq. 2-5).
+
+    Args:
+        hidden: ``[..., D]`` float32, bfloat16 or float16, the last hidden states of the response tokens.
+        weight: ``[V, D]`` the lm_head weight, same dtype as ``hidden``.
+        targets: ``[...]`` integer token ids (the leading shape of ``hidden``); ``ignore_index`` marks positions
+            that return 0, get no gradient and cost no matrix work (they are dropped before the projection).
+        bias: optional ``[V]``.
+        temperature: positive; the logits are divided by it.
+        return_entropy: also return the entropies (differentiable too).
+
+    Returns:
+        ``logps`` float32 shaped like ``targets``; ``(logps, entropy)`` when ``return_entropy``.
+
+    Differentiable in ``hidden``, ``weight`` and ``bias``; the weight gradient is accumulated in fp32.
+    Cost, for N kept tokens: forward 2NDV FLOP, backward 6NDV (the logits are recomputed). Extra memory
+    O(N*D + V*D + chunk*V): never an N x V tensor (CPU: 64 MiB logit chunks; CUDA: register tiles).
+    One host synchronisation: the out-of-range target check and the selection of the kept rows.
+
+    Example:
+        >>> h, W = torch.randn(2, 5, 16), torch.randn(100, 16)
+        >>> y = torch.randint(0, 100, (2, 5))
+        >>> fused_linear_logprobs(h, W, y).shape
+        torch.Size([2, 5])
+    """
+    check_linear_head(hidden, weight, bias)
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
+    check_temperature(temperature)
+    backend = select_backend(hidden.device)
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    kept = (flat_targets != ignore_index).nonzero().squeeze(1)
+    all_kept = kept.numel() == flat_targets.numel()
+    kept_hidden = flat_hidden if all_kept else flat_hidden.index_select(0, kept)
+    kept_targets = flat_targets if all_kept else flat_targets.index_select(0, kept)
+    logps, entropy = LinearLogprobsFunction.apply(kept_hidden.contiguous(), weight.contiguous(), bias,
+                                                  kept_targets.long().contiguous(), 1.0 / temperature, backend)
+    if not all_kept:
+        zeros = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+        logps, entropy = zeros.index_put((kept,), logps), zeros.index_put((kept,), entropy)
+    logps = logps.view(targets.shape)
+    return (logps, entropy.view(targets.shape)) if return_entropy else logps

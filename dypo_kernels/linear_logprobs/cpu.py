@@ -1,0 +1,93 @@
+"""CPU path of fused_linear_logprobs: chunks of rows, each chunk's logits [rows, V] made by one matrix product,
+reduced by the C++ vocabulary pass (backend "cpp") or by plain torch ops (backend "torch"), then freed.
+
+Forward 2NDV FLOP; backward recomputes the logits (2NDV) and does the two gradient products (4NDV).
+"""
+
+import torch
+
+from dypo_kernels.backend import cpu_extension
+
+LOGITS_CHUNK_BYTES = 64 * 2**20  # one chunk of fp32 logits; bounds the extra memory independently of N
+
+
+def rows_per_chunk(vocab_size: int) -> int:
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature):
+    z = hidden_chunk.float() @ weight32.T
+    if bias32 is not None:
+        z += bias32
+    return z.mul_(inv_temperature)
+
+
+def _vocab_forward_torch(z, targets):
+    row_max = z.max(-1, keepdim=True).values
+    shifted = z - row_max
+    e = shifted.exp()
+    sum_exp = e.sum(-1)
+    sum_exp_shifted = torch.where(e > 0, e * shifted, 0.0).sum(-1)
+    log_sum = sum_exp.log()
+    lse = row_max.squeeze(-1) + log_sum
+    return lse, z.gather(-1, targets.unsqueeze(-1)).squeeze(-1), log_sum - sum_exp_shifted / sum_exp
+
+
+def _vocab_backward_torch(z, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature):
+    p = torch.exp(z - lse.unsqueeze(-1))
+    grad_z = p * (-grad_logp * inv_temperature).unsqueeze(-1)
+    if grad_entropy is not None:
+        mean_logit = (lse - entropy).unsqueeze(-1)
+        centred = torch.where(p > 0, p * (z - mean_logit), 0.0)
+        grad_z -= centred * (grad_entropy * inv_temperature).unsqueeze(-1)
+    grad_z.scatter_add_(-1, targets.unsqueeze(-1), (grad_logp * inv_temperature).unsqueeze(-1))
+    return grad_z
+
+
+def forward(hidden, weight, bias, targets, inv_temperature, backend):
+    """Returns (lse, target_logit, entropy), each fp32 [N], for hidden [N, D]."""
+    weight32 = weight.float()
+    bias32 = None if bias is None else bias.float()
+    ext = cpu_extension() if backend == "cpp" else None
+    out = [torch.empty(hidden.shape[0], dtype=torch.float32) for _ in range(3)]
+    step = rows_per_chunk(weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        z = _chunk_logits(hidden[rows], weight32, bias32, inv_temperature)
+        stats = ext.vocab_forward(z, targets[rows]) if ext else _vocab_forward_torch(z, targets[rows])
+        for buffer, value in zip(out, stats):
+            buffer[rows] = value
+    return tuple(out)
+
+
+def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, backend,
+             needs_input_grad):
+    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) for hidden, weight, bias (None if not needed).
+    The weight's gradient is accumulated in fp32 whatever the weight's dtype."""
+    needs_hidden, needs_weight, needs_bias = needs_input_grad
+    weight32 = weight.float()
+    bias32 = None if bias is None else bias.float()
+    ext = cpu_extension() if backend == "cpp" else None
+    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_weight = torch.zeros_like(weight32) if needs_weight else None
+    grad_bias = torch.zeros_like(bias32) if needs_bias else None
+    step = rows_per_chunk(weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        hidden_chunk = hidden[rows]
+        z = _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature)
+        g_entropy = None if grad_entropy is None else grad_entropy[rows]
+        if ext:
+            ext.vocab_backward_(z, targets[rows], lse[rows], entropy[rows], grad_logp[rows], g_entropy,
+                                inv_temperature)
+            grad_z = z
+        else:
+            grad_z = _vocab_backward_torch(z, targets[rows], lse[rows], entropy[rows], grad_logp[rows], g_entropy,
+                                           inv_temperature)
+        if needs_hidden:
+            grad_hidden[rows] = grad_z @ weight32
+        if needs_weight:
+            grad_weight.addmm_(grad_z.T, hidden_chunk.float())
+        if needs_bias:
+            grad_bias += grad_z.sum(0)
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,219 @@
+"""Float64 reference implementations: the oracle that every fused op is tested against.
+
+Each function materialises the full ``[..., V]`` logits and computes in float64 (``dtype`` can ask otherwise, for
+the naive same-dtype baseline of the benchmarks). They are slow and memory-hungry on purpose and no ``fused_*`` op
+calls them. Notation follows DESIGN.md section 1 and the DYPO paper (arXiv 2604.08926):
+``z_t = (W h_t + b) / temperature`` are the logits of response token t and ``y_t`` its target id.
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dypo_kernels.grade import Grade
+
+
+def logits(hidden, weight, bias=None, temperature=1.0, dtype=torch.float64):
+    """z = (hidden @ weight.T + bias) / temperature, shape ``[..., V]``."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    return z / temperature
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                   dtype=torch.float64):
+    """Token log-probs and entropies of the targets.
+
+    lp_t = z_t[y_t] - logsumexp(z_t);  H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v.
+    Positions whose target is ``ignore_index`` give 0 for both. Returns ``(logps, entropy)`` shaped like targets.
+    """
+    z = logits(hidden, weight, bias, temperature, dtype)
+    valid = targets != ignore_index
+    safe_targets = targets.masked_fill(~valid, 0)
+    log_probs = torch.log_softmax(z, dim=-1)
+    token_logps = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    return torch.where(valid, token_logps, zero), torch.where(valid, entropy, zero)
+
+
+def sequence_logprobs(token_logps, mask, *, average=False):
+    """S_i = sum of lp_t over the response tokens of sequence i (the mean over them when ``average``)."""
+    mask = mask.to(token_logps.dtype)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def _group_ids(batch_size, group_size, group_index, device):
+    if group_index is not None:
+        return group_index.to(device=device, dtype=torch.long)
+    return torch.arange(batch_size, device=device) // group_size
+
+
+class GroupAdvantages(NamedTuple):
+    advantages: torch.Tensor  # [B]
+    mean: torch.Tensor  # [G]
+    std: torch.Tensor  # [G]
+    num_success: torch.Tensor  # [G]
+    grade: torch.Tensor  # [G], values of Grade
+
+
+def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
+                     success_threshold=0.5, dtype=torch.float64):
+    """Group-normalised advantages (GRPO, paper eq. 2) and the DYPO grade of each group (paper section 3).
+
+    A_i = (R_i - mean_g) / (std + eps), where std is the group's sample std (n - 1) for ``scale="group"``,
+    the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO). A group of one
+    has std 0. A rollout succeeds when R_i > success_threshold; a group is EASY when all succeed, HARD when none
+    does, MID otherwise.
+    """
+    rewards = rewards.to(dtype)
+    ids = _group_ids(rewards.shape[0], group_size, group_index, rewards.device)
+    num_groups = int(ids.max()) + 1
+    count = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(0, ids, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, ids, rewards) / count
+    centred = rewards - mean[ids]
+    sq = torch.zeros_like(count).index_add_(0, ids, centred**2)
+    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(count))
+    if scale == "group":
+        advantages = centred / (std[ids] + eps)
+    elif scale == "batch":
+        batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        advantages = centred / (batch_std + eps)
+    elif scale == "none":
+        advantages = centred
+    else:
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    success = (rewards > success_threshold).to(torch.long)
+    num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
+    grade = torch.full((num_groups,), int(Grade.MID), dtype=torch.long, device=rewards.device)
+    grade[num_success == 0] = int(Grade.HARD)
+    grade[num_success == count.long()] = int(Grade.EASY)
+    return GroupAdvantages(advantages, mean, std, num_success, grade)
+
+
+def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
+              eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
+              dtype=torch.float64):
+    """Clipped GRPO loss (paper eq. 2-3) with the k3 KL penalty, on ``[B, T, D]`` hidden states.
+
+    per-token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref - lp) - (ref - lp) - 1),
+    r_t = exp(lp_t - old_lp_t) (old = lp detached when ``old_logps`` is None). Aggregation: "grpo" mean over each
+    sequence's tokens then over sequences; "bnpo"/"dapo" mean over all tokens; "dr_grpo" sum / (B * max_len).
+    """
+    token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
+    mask = torch.ones_like(token_logps) if mask is None else mask.to(dtype)
+    old = token_logps.detach() if old_logps is None else old_logps.to(dtype)
+    ratio = torch.exp(token_logps - old)
+    adv = advantages.to(dtype).unsqueeze(-1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if beta != 0.0:
+        delta = ref_logps.to(dtype) - token_logps
+        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[-1]))
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
+             dtype=torch.float64):
+    """Group alignment loss (paper eq. 14-15).
+
+    For pairs (s, f) of one group with R_s > R_f: d = (S_s - S_ref,s) - (S_f - S_ref,f),
+    loss = -log sigmoid(beta * d); mean over a group's pairs, then over the groups that have pairs.
+    A batch without pairs returns a zero that still backpropagates.
+    """
+    margin = seq_logps.to(dtype)
+    if ref_seq_logps is not None:
+        margin = margin - ref_seq_logps.to(dtype)
+    rewards = rewards.to(dtype)
+    ids = _group_ids(margin.shape[0], group_size, group_index, margin.device)
+    is_pair = (ids[:, None] == ids[None, :]) & (rewards[:, None] > rewards[None, :])
+    pair_loss = -F.logsigmoid(beta * (margin[:, None] - margin[None, :]))
+    num_groups = int(ids.max()) + 1
+    group_pairs = torch.zeros(num_groups, dtype=dtype, device=margin.device).index_add_(
+        0, ids, is_pair.sum(1).to(dtype))
+    group_sum = torch.zeros(num_groups, dtype=dtype, device=margin.device).index_add_(
+        0, ids, torch.where(is_pair, pair_loss, 0.0).sum(1))
+    has_pairs = group_pairs > 0
+    if not bool(has_pairs.any()):
+        return margin.sum() * 0.0
+    return (group_sum[has_pairs] / group_pairs[has_pairs]).mean()
+
+
+def sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction="token_mean", bias=None,
+             temperature=1.0, dtype=torch.float64):
+    """Negative log-likelihood of teacher trajectories (paper eq. 5) on ``[B, T, D]`` hidden states.
+
+    "token_mean": over all valid tokens; "seq_mean": each sequence's token mean, then the mean over the
+    sequences that have at least one valid token.
+    """
+    token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                    ignore_index=ignore_index, dtype=dtype)
+    valid = targets != ignore_index
+    if mask is not None:
+        valid = valid & mask.bool()
+    valid = valid.to(dtype)
+    if reduction == "token_mean":
+        return -(token_logps * valid).sum() / valid.sum().clamp(min=1)
+    if reduction == "seq_mean":
+        per_seq = (token_logps * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        has_tokens = valid.sum(-1) > 0
+        return -(per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _divergence(teacher_logp, student_logp, divergence, jsd_beta):
+    """Per-token divergence summed over the vocabulary, with 0 * log 0 = 0."""
+    teacher_p, student_q = teacher_logp.exp(), student_logp.exp()
+
+    def kl(p, logp, logq):  # KL(p || q), safe where p = 0
+        return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0):
+        return kl(teacher_p, teacher_logp, student_logp)
+    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1.0):
+        return kl(student_q, student_logp, teacher_logp)
+    if divergence == "jsd":
+        log_mix = torch.logaddexp(teacher_logp + torch.log(torch.tensor(jsd_beta, dtype=teacher_logp.dtype)),
+                                  student_logp + torch.log(torch.tensor(1 - jsd_beta, dtype=teacher_logp.dtype)))
+        return jsd_beta * kl(teacher_p, teacher_logp, log_mix) + (1 - jsd_beta) * kl(student_q, student_logp, log_mix)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def multi_teacher_kl(student_hidden, student_weight, teacher_hiddens: Sequence[torch.Tensor],
+                     teacher_weights: Sequence[torch.Tensor], *, mask=None, teacher_coefs=None,
+                     divergence="forward_kl", jsd_beta=0.5, aggregate="mixture", temperature=1.0,
+                     scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,
+                     dtype=torch.float64):
+    """Divergence of the student's next-token distribution from m teachers', mean over unmasked tokens.
+
+    q = softmax(student logits / T), p_i = softmax(teacher_i logits / T), weights w_i (uniform by default).
+    "mixture": D(sum_i w_i p_i, q); "mean": sum_i w_i D(p_i, q). D is KL(p || q) ("forward_kl"),
+    KL(q || p) ("reverse_kl") or the generalised JSD, beta KL(p || M) + (1 - beta) KL(q || M) with
+    M = beta p + (1 - beta) q, where beta = 0 and 1 are the forward and reverse KL (Liger-Kernel's convention).
+    """
+    m = len(teacher_hiddens)
+    coefs = (torch.full((m,), 1.0 / m, dtype=dtype) if teacher_coefs is None
+             else torch.as_tensor(teacher_coefs, dtype=dtype))
+    biases = teacher_biases or [None] * m
+    student_logp = torch.log_softmax(logits(student_hidden, student_weight, student_bias, temperature, dtype), -1)
+    teacher_logps = [torch.log_softmax(logits(h, w, b, temperature, dtype), -1)
+                     for h, w, b in zip(teacher_hiddens, teacher_weights, biases)]
+    if aggregate == "mixture":
+        stacked = torch.stack([lp + torch.log(c) for lp, c in zip(teacher_logps, coefs)])
+        per_token = _divergence(torch.logsumexp(stacked, 0), student_logp, divergence, jsd_beta)
+    elif aggregate == "mean":
+        per_token = sum(c * _divergence(lp, student_logp, divergence, jsd_beta) for lp, c in zip(teacher_logps, coefs))
+    else:
+        raise ValueError(f"unknown aggregate {aggregate!r}")
+    mask = torch.ones_like(per_token) if mask is None else mask.to(dtype)
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return loss * temperature**2 if scale_by_temperature_sq else loss

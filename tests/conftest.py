@@ -1,0 +1,43 @@
+"""Shared test set-up. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors, which must be
+switched on before triton is first imported (DESIGN.md section 4)."""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dypo_kernels.backend import cpu_extension  # noqa: E402
+
+# Small tiles under the interpreter, so that tiny shapes still cross several row, vocabulary and D blocks
+INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+
+
+def available_backends():
+    backends = ["triton"]
+    if not HAS_CUDA:
+        backends += ["cpp", "torch"] if cpu_extension() is not None else ["torch"]
+    return backends
+
+
+@pytest.fixture(params=available_backends())
+def backend(request, monkeypatch):
+    """Forces a backend for the test; yields the device its tensors must live on."""
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", request.param)
+    if request.param == "triton" and not HAS_CUDA:
+        from dypo_kernels.linear_logprobs import triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "FORWARD_CONFIG", {**triton_kernels.FORWARD_CONFIG, **INTERPRETER_TILES})
+        monkeypatch.setattr(triton_kernels, "BACKWARD_CONFIG", {**triton_kernels.BACKWARD_CONFIG, **INTERPRETER_TILES})
+    request.node.backend_name = request.param
+    return torch.device("cuda" if request.param == "triton" and HAS_CUDA else "cpu")
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64."""
+    expected = expected.detach().double()
+    return ((actual.detach().double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
