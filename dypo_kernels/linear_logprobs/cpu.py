@@ -57,6 +57,7 @@ def forward(hidden, weight, bias, targets, inv_temperature, backend):
         stats = ext.vocab_forward(z, targets[rows]) if ext else _vocab_forward_torch(z, targets[rows])
         for buffer, value in zip(out, stats):
             buffer[rows] = value
+        del z  # free this chunk's logits before the next chunk's are made: one chunk alive at a time
     return tuple(out)
 
 
@@ -90,4 +91,5 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
             grad_weight.addmm_(grad_z.T, hidden_chunk.float())
         if needs_bias:
             grad_bias += grad_z.sum(0)
+        del z, grad_z  # one chunk alive at a time
     return grad_hidden, grad_weight, grad_bias

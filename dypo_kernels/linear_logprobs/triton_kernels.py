@@ -27,6 +27,8 @@ def _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, inv_te
                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = (h W^T + b) / T for one [BLOCK_N, BLOCK_V] tile, fp32; columns past V are -inf."""
     b_z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    o_n = o_n.to(tl.int64)
+    o_v = o_v.to(tl.int64)
     for d_start in range(0, D, BLOCK_D):
         o_d = d_start + tl.arange(0, BLOCK_D)
         m_d = o_d < D
@@ -107,6 +109,8 @@ def _logprobs_bwd_kernel(p_h, p_w, p_b, p_targets, p_lse, p_entropy, p_grad_logp
     if NEEDS_GRAD_B:
         tl.atomic_add(p_grad_b + o_v, tl.sum(b_grad_z, axis=0), mask=m_v)
     b_grad_z = b_grad_z.to(p_h.dtype.element_ty)
+    o_n = o_n.to(tl.int64)  # N*D and V*D can pass 2^31
+    o_v = o_v.to(tl.int64)
     for d_start in range(0, D, BLOCK_D):
         o_d = d_start + tl.arange(0, BLOCK_D)
         m_d = o_d < D
@@ -186,3 +190,29 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
         NEEDS_GRAD_W=needs_weight, NEEDS_GRAD_B=needs_bias, DOT_PRECISION=_dot_precision(hidden.dtype),
         **blocks, **launch)
     return grad_hidden, grad_weight, grad_bias
+
+
+def aot_specs(dtype="bf16"):
+    """The kernels with the signatures and configs they launch with, for ahead-of-time compilation checks
+    (dypo_kernels/aot.py). ``dtype`` is the type of hidden/weight: "bf16", "fp16" or "fp32"."""
+    pointers = {"p_h": f"*{dtype}", "p_w": f"*{dtype}", "p_b": f"*{dtype}", "p_targets": "*i64"}
+    scalars = {"N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"}
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    forward_signature = {**pointers, **{name: "*fp32" for name in (
+        "p_max", "p_sum_exp", "p_sum_exp_shifted", "p_target_logit")}, **scalars, "tiles_per_split": "i32"}
+    backward_signature = {**pointers, **{name: "*fp32" for name in (
+        "p_lse", "p_entropy", "p_grad_logp", "p_grad_entropy", "p_grad_h", "p_grad_w", "p_grad_b")}, **scalars}
+
+    def split(config):
+        return ({k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")},
+                {k: config[k] for k in ("num_warps", "num_stages")})
+
+    forward_blocks, forward_launch = split(FORWARD_CONFIG)
+    backward_blocks, backward_launch = split(BACKWARD_CONFIG)
+    flags = dict(HAS_BIAS=True, DOT_PRECISION=precision)
+    return [
+        ("logprobs_fwd", _logprobs_fwd_kernel, forward_signature, {**flags, **forward_blocks}, forward_launch),
+        ("logprobs_bwd", _logprobs_bwd_kernel, backward_signature,
+         {**flags, "HAS_GRAD_ENTROPY": True, "NEEDS_GRAD_H": True, "NEEDS_GRAD_W": True, "NEEDS_GRAD_B": True,
+          **backward_blocks}, backward_launch),
+    ]
