@@ -22,26 +22,30 @@ def _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature):
     return z.mul_(inv_temperature)
 
 
+# The plain torch passes work in place on the logits chunk and keep one more chunk-sized buffer. Clamping the
+# shifted logits at -1e30 keeps e * shifted = 0 where a logit is -inf (0 * -inf would be NaN), and lets NaN through.
 def _vocab_forward_torch(z, targets):
+    target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     row_max = z.max(-1, keepdim=True).values
-    shifted = z - row_max
+    shifted = z.sub_(row_max)
     e = shifted.exp()
     sum_exp = e.sum(-1)
-    sum_exp_shifted = torch.where(e > 0, e * shifted, 0.0).sum(-1)
+    sum_exp_shifted = e.mul_(shifted.clamp_(min=-1e30)).sum(-1)
     log_sum = sum_exp.log()
-    lse = row_max.squeeze(-1) + log_sum
-    return lse, z.gather(-1, targets.unsqueeze(-1)).squeeze(-1), log_sum - sum_exp_shifted / sum_exp
+    return row_max.squeeze(-1) + log_sum, target_logit, log_sum - sum_exp_shifted / sum_exp
 
 
 def _vocab_backward_torch(z, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature):
-    p = torch.exp(z - lse.unsqueeze(-1))
-    grad_z = p * (-grad_logp * inv_temperature).unsqueeze(-1)
-    if grad_entropy is not None:
-        mean_logit = (lse - entropy).unsqueeze(-1)
-        centred = torch.where(p > 0, p * (z - mean_logit), 0.0)
-        grad_z -= centred * (grad_entropy * inv_temperature).unsqueeze(-1)
-    grad_z.scatter_add_(-1, targets.unsqueeze(-1), (grad_logp * inv_temperature).unsqueeze(-1))
-    return grad_z
+    log_p = z.sub_(lse.unsqueeze(-1))
+    p = log_p.exp()
+    coef_logp = (grad_logp * inv_temperature).unsqueeze(-1)
+    if grad_entropy is None:
+        grad_z = p.mul_(-coef_logp)
+    else:
+        # z - E_p[z] = log p + entropy
+        grad_z = log_p.add_(entropy.unsqueeze(-1)).clamp_(min=-1e30).mul_(p)
+        grad_z.mul_(-(grad_entropy * inv_temperature).unsqueeze(-1)).addcmul_(p, coef_logp, value=-1.0)
+    return grad_z.scatter_add_(-1, targets.unsqueeze(-1), coef_logp)
 
 
 def forward(hidden, weight, bias, targets, inv_temperature, backend):
