@@ -18,10 +18,14 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 
 
 
 def kernel_specs():
+    """(name, kernel, signature, constexprs, launch options, expects tensor cores) for every kernel."""
+    from dypo_kernels.advantages import triton_kernels as advantages
     from dypo_kernels.linear_logprobs import triton_kernels as linear_logprobs
 
-    return [(f"{name}[{dtype}]", *rest) for dtype in ("bf16", "fp32")
-            for name, *rest in linear_logprobs.aot_specs(dtype)]
+    # exact fp32 products ("ieee") run on the FMA units; only 16-bit products must use tensor cores
+    return [(f"{name}[{dtype}]", *rest, dtype != "fp32") for dtype in ("bf16", "fp32")
+            for name, *rest in linear_logprobs.aot_specs(dtype)] + [
+        (*spec, False) for spec in advantages.aot_specs()]
 
 
 def _resource_usage(cubin: bytes):
@@ -44,8 +48,7 @@ def compile_report():
     from triton.compiler import ASTSource
 
     rows = []
-    for name, fn, signature, constexprs, launch in kernel_specs():
-        needs_tensor_cores = "fp32" not in name  # exact fp32 products ("ieee") run on the FMA units
+    for name, fn, signature, constexprs, launch, needs_tensor_cores in kernel_specs():
         for capability in (80, 90):
             row = {"kernel": name, "sm": capability, **launch}
             try:

@@ -1,6 +1,9 @@
 """The grade of a prompt's group of rollouts, which decides how DYPO trains on it (paper section 3)."""
 
 from enum import IntEnum
+from typing import NamedTuple
+
+import torch
 
 
 class Grade(IntEnum):
@@ -9,3 +12,14 @@ class Grade(IntEnum):
     EASY = 0
     MID = 1
     HARD = 2
+
+
+class GroupAdvantages(NamedTuple):
+    """What group_advantages returns: per row ``advantages`` [B] fp32; per group ``mean``, ``std`` [G] fp32,
+    ``num_success`` [G] int64 and ``grade`` [G] int64 holding Grade values."""
+
+    advantages: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    num_success: torch.Tensor
+    grade: torch.Tensor

@@ -6,12 +6,12 @@ calls them. Notation follows DESIGN.md section 1 and the DYPO paper (arXiv 2604.
 ``z_t = (W h_t + b) / temperature`` are the logits of response token t and ``y_t`` its target id.
 """
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dypo_kernels.grade import Grade
+from dypo_kernels.grade import Grade, GroupAdvantages
 
 
 def logits(hidden, weight, bias=None, temperature=1.0, dtype=torch.float64):
@@ -53,14 +53,6 @@ def _group_ids(batch_size, group_size, group_index, device):
     return torch.arange(batch_size, device=device) // group_size
 
 
-class GroupAdvantages(NamedTuple):
-    advantages: torch.Tensor  # [B]
-    mean: torch.Tensor  # [G]
-    std: torch.Tensor  # [G]
-    num_success: torch.Tensor  # [G]
-    grade: torch.Tensor  # [G], values of Grade
-
-
 def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
                      success_threshold=0.5, dtype=torch.float64):
     """Group-normalised advantages (GRPO, paper eq. 2) and the DYPO grade of each group (paper section 3).
@@ -68,30 +60,26 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
     A_i = (R_i - mean_g) / (std + eps), where std is the group's sample std (n - 1) for ``scale="group"``,
     the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO). A group of one
     has std 0. A rollout succeeds when R_i > success_threshold; a group is EASY when all succeed, HARD when none
-    does, MID otherwise.
+    does, MID otherwise. Written with a dense [G, B] membership matrix, unlike the library's scatter version.
     """
     rewards = rewards.to(dtype)
     ids = _group_ids(rewards.shape[0], group_size, group_index, rewards.device)
-    num_groups = int(ids.max()) + 1
-    count = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(0, ids, torch.ones_like(rewards))
-    mean = torch.zeros_like(count).index_add_(0, ids, rewards) / count
-    centred = rewards - mean[ids]
-    sq = torch.zeros_like(count).index_add_(0, ids, centred**2)
-    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(count))
+    membership = (ids[None, :] == torch.arange(int(ids.max()) + 1, device=ids.device)[:, None]).to(dtype)
+    count = membership.sum(1)
+    mean = membership @ rewards / count
+    centred = rewards - membership.T @ mean
+    std = torch.where(count > 1, (membership @ centred**2 / (count - 1).clamp(min=1)).sqrt(), 0.0)
     if scale == "group":
-        advantages = centred / (std[ids] + eps)
+        advantages = centred / (membership.T @ std + eps)
     elif scale == "batch":
-        batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-        advantages = centred / (batch_std + eps)
+        advantages = centred / ((rewards.std() if rewards.numel() > 1 else 0.0) + eps)
     elif scale == "none":
         advantages = centred
     else:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    success = (rewards > success_threshold).to(torch.long)
-    num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
-    grade = torch.full((num_groups,), int(Grade.MID), dtype=torch.long, device=rewards.device)
-    grade[num_success == 0] = int(Grade.HARD)
-    grade[num_success == count.long()] = int(Grade.EASY)
+    num_success = (membership @ (rewards > success_threshold).to(dtype)).long()
+    grade = torch.where(num_success == 0, int(Grade.HARD),
+                        torch.where(num_success == count.long(), int(Grade.EASY), int(Grade.MID)))
     return GroupAdvantages(advantages, mean, std, num_success, grade)
 
 

@@ -1,0 +1,79 @@
+"""group_advantages: GRPO's group-normalised advantages and DYPO's grade of each group, in one kernel."""
+
+import math
+
+import torch
+
+from dypo_kernels.backend import select_backend
+from dypo_kernels.grade import Grade, GroupAdvantages
+from dypo_kernels.groups import group_ids
+from dypo_kernels.validation import check_tensor
+
+SCALES = ("group", "batch", "none")
+
+
+def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, success_threshold):
+    rewards = rewards.float()
+    count = torch.bincount(ids, minlength=num_groups).float()
+    mean = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, rewards) / count
+    centred = rewards - mean[ids]
+    square = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, centred * centred)
+    std = torch.where(count > 1, (square / (count - 1).clamp(min=1)).sqrt(), 0.0)
+    denominator = {"group": std[ids] + eps, "batch": batch_std + eps, "none": torch.ones(())}[scale]
+    success = (rewards > success_threshold).long()
+    num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
+    grade = torch.full_like(num_success, int(Grade.MID))
+    grade[num_success == 0] = int(Grade.HARD)
+    grade[num_success == count.long()] = int(Grade.EASY)
+    return centred / denominator, mean, std, num_success, grade
+
+
+def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
+                     success_threshold=0.5):
+    """Group-normalised advantages and the grade of each group (GRPO, paper eq. 2; DYPO routing, section 3).
+
+    A_i = (R_i - mean_g) / (s + eps), with s the group's sample std (n - 1) for ``scale="group"`` (GRPO, as TRL
+    and verl compute it), the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO).
+    A group of one has std 0 (advantage 0). Rollout i succeeds when R_i > ``success_threshold``; a group is
+    ``Grade.EASY`` when all of its rollouts succeed, ``Grade.HARD`` when none does, ``Grade.MID`` otherwise.
+
+    Args:
+        rewards: ``[B]`` float rewards; NaN or inf is an error.
+        group_size: uniform groups of this many consecutive rows (must divide B), or
+        group_index: ``[B]`` integer group ids 0..G-1 without gaps, in any order (ragged groups).
+
+    Returns:
+        ``GroupAdvantages(advantages [B] fp32, mean [G] fp32, std [G] fp32, num_success [G] int64,
+        grade [G] int64)``; compare ``grade`` with ``Grade`` members.
+
+    Cost: O(B) work, one Triton launch on CUDA (plus a sort for ragged groups); host syncs only for input checks.
+    """
+    check_tensor("rewards", rewards, dims=(1,))
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite; found NaN or inf at rows "
+                         f"{(~torch.isfinite(rewards)).nonzero().squeeze(1)[:5].tolist()}")
+    ids, num_groups = group_ids(rewards.shape[0], rewards.device, group_size, group_index)
+    if num_groups == 0:
+        empty = rewards.new_zeros(0, dtype=torch.float32)
+        return GroupAdvantages(empty, empty, empty, empty.long(), empty.long())
+    batch_std = rewards.float().std().reshape(1) if rewards.numel() > 1 else rewards.new_zeros(1, dtype=torch.float32)
+    if select_backend(rewards.device) != "triton":
+        return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps,
+                                                        success_threshold))
+    from dypo_kernels.advantages import triton_kernels
+
+    if group_size is not None:
+        order = torch.arange(rewards.shape[0], device=rewards.device)
+        offsets = torch.arange(0, rewards.shape[0] + 1, group_size, device=rewards.device)
+    else:
+        order = torch.argsort(ids, stable=True)
+        offsets = torch.nn.functional.pad(torch.bincount(ids, minlength=num_groups).cumsum(0), (1, 0))
+    return GroupAdvantages(*triton_kernels.group_advantages(
+        rewards.float().contiguous(), order, offsets, batch_std, num_groups, scale, float(eps),
+        float(success_threshold)))
