@@ -1,0 +1,105 @@
+"""gal_loss: DYPO's group alignment loss on sequence log-probs, and its per-sequence coefficients."""
+
+import torch
+import torch.nn.functional as F
+
+from dypo_kernels.groups import group_ids
+from dypo_kernels.validation import check_same_device, check_tensor
+
+
+def _padded_groups(ids, num_groups, group_size):
+    """(order, slot): row order[j] goes to [group, slot[j]] of a [G, K] padded layout; K the largest group."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if group_size is not None:
+        return rows, rows % group_size, group_size
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num_groups)
+    starts = counts.cumsum(0) - counts
+    slot = rows - starts[ids[order]]
+    return order, slot, int(counts.max())
+
+
+def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
+    """Pairwise margins d [G, K, K] (row s minus row f), the pair mask (same group, R_s > R_f) and the
+    padded layout, for the inputs checked and grouped."""
+    check_tensor("seq_logps", seq_logps, dims=(1,))
+    check_tensor("rewards", rewards, dims=(1,))
+    if ref_seq_logps is not None:
+        check_tensor("ref_seq_logps", ref_seq_logps, dims=(1,))
+    for name, value in (("rewards", rewards), ("ref_seq_logps", ref_seq_logps)):
+        if value is not None and value.shape != seq_logps.shape:
+            raise ValueError(f"{name} {tuple(value.shape)} must match seq_logps {tuple(seq_logps.shape)}")
+    check_same_device(seq_logps=seq_logps, rewards=rewards, ref_seq_logps=ref_seq_logps, group_index=group_index)
+    if not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite; found NaN or inf")
+    ids, num_groups = group_ids(seq_logps.shape[0], seq_logps.device, group_size, group_index)
+    order, slot, width = _padded_groups(ids, num_groups, group_size)
+    margins = seq_logps.float() if ref_seq_logps is None else seq_logps.float() - ref_seq_logps.float()
+    padded_margin = margins.new_zeros(num_groups, width).index_put((ids[order], slot), margins[order])
+    padded_reward = rewards.new_full((num_groups, width), float("-inf"), dtype=torch.float32).index_put(
+        (ids[order], slot), rewards[order].float())
+    present = torch.zeros(num_groups, width, dtype=torch.bool, device=ids.device).index_put(
+        (ids[order], slot), torch.ones_like(slot, dtype=torch.bool))
+    is_pair = present[:, :, None] & present[:, None, :] & (padded_reward[:, :, None] > padded_reward[:, None, :])
+    difference = padded_margin[:, :, None] - padded_margin[:, None, :]
+    return difference, is_pair, (ids, order, slot)
+
+
+def _group_weights(is_pair):
+    """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair."""
+    pairs_per_group = is_pair.sum((1, 2)).float()
+    groups_with_pairs = (pairs_per_group > 0).sum().clamp(min=1)
+    return is_pair / (pairs_per_group.clamp(min=1) * groups_with_pairs)[:, None, None]
+
+
+def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
+             return_metrics=False):
+    """Group alignment loss (DYPO paper eq. 14-15) on sequence log-probs.
+
+    For each pair (s, f) of one group with R_s > R_f: d = (S_s - S_ref,s) - (S_f - S_ref,f) and
+    l = -log sigmoid(beta * d). The loss is the mean over each group's pairs, then the mean over the groups that
+    have at least one pair; groups without pairs contribute nothing, and a batch without any pair gives a zero
+    loss that still backpropagates (zero gradients).
+
+    Args:
+        seq_logps: ``[B]`` sequence log-probs S_i (sum, or mean, of the token log-probs), differentiable.
+        rewards: ``[B]`` finite rewards.
+        ref_seq_logps: optional ``[B]`` reference-model sequence log-probs.
+        group_size / group_index: uniform groups of consecutive rows, or ``[B]`` ids 0..G-1 (exactly one).
+        beta: >= 0, the sharpness beta_GAL.
+        return_metrics: also return detached ``{"num_pairs", "pair_accuracy", "mean_margin"}`` (accuracy: share
+            of pairs with d > 0).
+
+    Returns:
+        fp32 scalar loss (and the metrics dict). Cost: O(B * K) memory and work for groups of at most K rows.
+    """
+    difference, is_pair, _ = _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta)
+    pair_loss = torch.where(is_pair, -F.logsigmoid(beta * difference), 0.0)
+    loss = (pair_loss * _group_weights(is_pair)).sum()
+    if not return_metrics:
+        return loss
+    num_pairs = is_pair.sum()
+    with torch.no_grad():
+        metrics = {"num_pairs": num_pairs,
+                   "pair_accuracy": (is_pair & (difference > 0)).sum() / num_pairs.clamp(min=1),
+                   "mean_margin": torch.where(is_pair, difference, 0.0).sum() / num_pairs.clamp(min=1)}
+    return loss, metrics
+
+
+def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0):
+    """c_i = d gal_loss / d S_i, detached ``[B]`` fp32: the GAL gradient is sum_i c_i grad S_i (DESIGN.md section
+    1, "a useful identity"), so a fused sweep can treat c_i as a per-sequence advantage.
+
+    With w_sf = 1 / (pairs of the group * groups with pairs) and sigma = sigmoid(-beta d_sf):
+    c_s = -beta sum_f w_sf sigma_sf over the pairs where s succeeds, c_f = +beta sum_s w_sf sigma_sf where f fails.
+    """
+    with torch.no_grad():
+        difference, is_pair, (ids, order, slot) = _pairs(seq_logps.detach(), rewards, ref_seq_logps,
+                                                         group_size, group_index, beta)
+        pull = _group_weights(is_pair) * beta * torch.sigmoid(-beta * difference)
+        padded = pull.sum(2) * -1.0 + pull.sum(1)  # [G, K]: as the successful s, minus; as the failed f, plus
+        coefficients = torch.empty_like(seq_logps, dtype=torch.float32)
+        coefficients[order] = padded[ids[order], slot]
+        return coefficients
