@@ -1,5 +1,7 @@
 """fused_linear_logprobs: token log-probs (and entropies) of a linear head's softmax without the logits."""
 
+import functools
+
 import torch
 
 from dypo_kernels.backend import select_backend
@@ -7,13 +9,13 @@ from dypo_kernels.linear_logprobs import cpu
 from dypo_kernels.validation import check_linear_head, check_same_device, check_targets, check_temperature
 
 
-def _implementation(backend):
+def _kernels(backend):
+    """The (forward, backward) pair of a backend, with the CPU pair bound to its vocabulary pass."""
     if backend == "triton":
         from dypo_kernels.linear_logprobs import triton_kernels
 
         return triton_kernels.forward, triton_kernels.backward
-    return (lambda *args: cpu.forward(*args, backend),
-            lambda *args: cpu.backward(*args[:-1], backend, args[-1]))
+    return functools.partial(cpu.forward, backend=backend), functools.partial(cpu.backward, backend=backend)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -25,7 +27,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if hidden.shape[0] == 0:  # every target ignored: keep the graph, with zero gradients
             lse = target_logit = entropy = hidden.new_zeros(0, dtype=torch.float32)
         else:
-            forward_impl, _ = _implementation(backend)
+            forward_impl, _ = _kernels(backend)
             lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_temperature = inv_temperature
@@ -42,14 +44,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
                     torch.zeros_like(bias) if needs[2] else None, None, None, None)
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        _, backward_impl = _implementation(ctx.backend)
+        _, backward_impl = _kernels(ctx.backend)
         grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(),
                               None if grad_entropy is None else grad_entropy.float().contiguous(),
-                              ctx.inv_temperature, needs)
+                              ctx.inv_temperature, needs_input_grad=needs)
         grad_hidden, grad_weight, grad_bias = (
-            None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, weight)))
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
+            None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
@@ -76,7 +76,9 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     Differentiable in ``hidden``, ``weight`` and ``bias``; the weight gradient is accumulated in fp32.
     Cost, for N kept tokens: forward 2NDV FLOP, backward 6NDV (the logits are recomputed). Extra memory
     O(N*D + V*D + chunk*V): never an N x V tensor (CPU: 64 MiB logit chunks; CUDA: register tiles).
-    One host synchronisation: the out-of-range target check and the selection of the kept rows.
+    One host synchronisation: the out-of-range target check and the selection of the kept rows. The CPU paths are
+    deterministic; on CUDA the backward adds tile products with atomics, so gradients may differ in the last bits
+    from run to run.
 
     Example:
         >>> h, W = torch.randn(2, 5, 16), torch.randn(100, 16)

@@ -48,7 +48,7 @@ def _vocab_backward_torch(z, targets, lse, entropy, grad_logp, grad_entropy, inv
     return grad_z.scatter_add_(-1, targets.unsqueeze(-1), coef_logp)
 
 
-def forward(hidden, weight, bias, targets, inv_temperature, backend):
+def forward(hidden, weight, bias, targets, inv_temperature, *, backend):
     """Returns (lse, target_logit, entropy), each fp32 [N], for hidden [N, D]."""
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
@@ -65,8 +65,8 @@ def forward(hidden, weight, bias, targets, inv_temperature, backend):
     return tuple(out)
 
 
-def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, backend,
-             needs_input_grad):
+def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, *,
+             needs_input_grad, backend):
     """Gradients of sum(grad_logp * logp + grad_entropy * entropy) for hidden, weight, bias (None if not needed).
     The weight's gradient is accumulated in fp32 whatever the weight's dtype."""
     needs_hidden, needs_weight, needs_bias = needs_input_grad
