@@ -19,13 +19,17 @@ def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, suc
     centred = rewards - mean[ids]
     square = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, centred * centred)
     std = torch.where(count > 1, (square / (count - 1).clamp(min=1)).sqrt(), 0.0)
-    denominator = {"group": std[ids] + eps, "batch": batch_std + eps, "none": torch.ones(())}[scale]
+    advantages = centred
+    if scale == "group":
+        advantages = centred / (std[ids] + eps)
+    elif scale == "batch":
+        advantages = centred / (batch_std + eps)
     success = (rewards > success_threshold).long()
     num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
     grade = torch.full_like(num_success, int(Grade.MID))
     grade[num_success == 0] = int(Grade.HARD)
     grade[num_success == count.long()] = int(Grade.EASY)
-    return centred / denominator, mean, std, num_success, grade
+    return advantages, mean, std, num_success, grade
 
 
 def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
