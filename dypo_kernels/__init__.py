@@ -4,11 +4,15 @@ Every ``fused_*`` op takes hidden states and the lm_head weight, never the logit
 """
 
 from dypo_kernels.advantages import group_advantages
-from dypo_kernels.gal import gal_coefficients, gal_loss
-from dypo_kernels.grade import Grade, GroupAdvantages
+from dypo_kernels.combined import dypo_loss
+from dypo_kernels.gal import fused_gal_loss, gal_coefficients, gal_loss
+from dypo_kernels.grade import Grade, GroupAdvantages, Route
+from dypo_kernels.grpo import fused_grpo_loss
 from dypo_kernels.linear_logprobs import fused_linear_logprobs
+from dypo_kernels.sft import fused_sft_loss
 
 __all__ = [
-    "Grade", "GroupAdvantages", "fused_linear_logprobs", "gal_coefficients", "gal_loss", "group_advantages",
+    "Grade", "GroupAdvantages", "Route", "dypo_loss", "fused_gal_loss", "fused_grpo_loss", "fused_linear_logprobs",
+    "fused_sft_loss", "gal_coefficients", "gal_loss", "group_advantages",
 ]
 __version__ = "0.1.0"

@@ -23,3 +23,12 @@ class GroupAdvantages(NamedTuple):
     std: torch.Tensor
     num_success: torch.Tensor
     grade: torch.Tensor
+
+
+class Route(IntEnum):
+    """What dypo_loss does with a sequence: SKIP (a rollout of an easy prompt: no gradient), RL (a rollout of a mid
+    prompt: alpha GRPO + (1 - alpha) GAL), SFT (a teacher trajectory of a hard prompt: gamma SFT)."""
+
+    SKIP = 0
+    RL = 1
+    SFT = 2

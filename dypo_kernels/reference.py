@@ -101,6 +101,11 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None,
     if beta != 0.0:
         delta = ref_logps.to(dtype) - token_logps
         per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+    return _aggregate(per_token, mask, loss_type, max_len)
+
+
+def _aggregate(per_token, mask, loss_type, max_len=None):
+    """GRPO's token aggregations of a ``[B, T]`` per-token loss over ``mask``."""
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     if loss_type in ("bnpo", "dapo"):
@@ -156,6 +161,37 @@ def sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction
         has_tokens = valid.sum(-1) > 0
         return -(per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
+              ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
+              loss_type="grpo", bias=None, temperature=1.0, dtype=torch.float64):
+    """DYPO's routed objective, each part from the functions above on its own rows (route 1 = RL, 2 = SFT):
+    (P_hard gamma L_SFT + P_mid (alpha L_GRPO + (1 - alpha) L_GAL)) / (P_hard + P_mid), P the prompts (groups) of
+    each route; L_SFT aggregates -lp over the SFT rows as ``loss_type`` aggregates GRPO's per-token loss."""
+    mask = mask.bool()
+    targets = targets.masked_fill(~mask, 0)
+    rl, sft = (route == 1).nonzero().squeeze(1), (route == 2).nonzero().squeeze(1)
+    prompts_rl, prompts_sft = group_index[rl].unique().numel(), group_index[sft].unique().numel()
+    common = dict(bias=bias, temperature=temperature, dtype=dtype)
+    total = (hidden.sum() * 0.0).to(dtype)
+    if sft.numel():
+        sft_logps, _ = token_logprobs(hidden[sft], weight, targets[sft], **common)
+        total = total + prompts_sft * gamma * _aggregate(-sft_logps, mask[sft].to(dtype), loss_type)
+    if rl.numel():
+        rl_group = torch.unique(group_index[rl], return_inverse=True)[1]
+        rl_advantages = (group_advantages(rewards[rl], group_index=rl_group, dtype=dtype).advantages
+                         if advantages is None else advantages[rl])
+        grpo = grpo_loss(hidden[rl], weight, targets[rl], rl_advantages, mask=mask[rl],
+                         old_logps=None if old_logps is None else old_logps[rl],
+                         ref_logps=None if ref_logps is None else ref_logps[rl], beta=beta_kl, eps_low=eps_low,
+                         eps_high=eps_high, loss_type=loss_type, **common)
+        rl_logps, _ = token_logprobs(hidden[rl], weight, targets[rl], **common)
+        ref_seq = None if ref_logps is None else sequence_logprobs(ref_logps[rl].to(dtype), mask[rl])
+        gal = gal_loss(sequence_logprobs(rl_logps, mask[rl]), rewards[rl], ref_seq_logps=ref_seq, group_index=rl_group,
+                       beta=beta_gal, dtype=dtype)
+        total = total + prompts_rl * (alpha * grpo + (1 - alpha) * gal)
+    return total / max(prompts_rl + prompts_sft, 1)
 
 
 def _divergence(teacher_logp, student_logp, divergence, jsd_beta):

@@ -52,8 +52,65 @@ def check_targets(targets, leading_shape, vocab_size, ignore_index, name="target
     if tuple(targets.shape) != tuple(leading_shape):
         raise ValueError(f"{name} {tuple(targets.shape)} must have the leading shape of {hidden_name} "
                          f"{tuple(leading_shape)} + (D,)")
-    out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    out_of_range = (targets < 0) | (targets >= vocab_size)
+    if ignore_index is not None:
+        out_of_range &= targets != ignore_index
     if targets.numel() and bool(out_of_range.any()):
         bad = targets[out_of_range][:5].tolist()
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-                         f"found {bad}")
+        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        where = " where mask is set" if ignore_index is None else ""
+        raise ValueError(f"{name} must lie in [0, {vocab_size}){allowed}{where}; found {bad}")
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_number(name, value, *, low=None, high=None, high_open=False):
+    """A finite real number in [low, high] (or [low, high) with ``high_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if (low is not None and value < low) or too_high:
+        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_sequence_batch(hidden, weight, bias, targets, mask, **per_token):
+    """hidden [B, T, D] with its head, targets [B, T] integer ids (checked against V where ``mask`` is set),
+    ``mask`` [B, T] or None, and optional float per-token tensors [B, T] (log-probs), named by their keywords."""
+    check_linear_head(hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+    check_tensor("targets", targets, integer=True)
+    if tuple(targets.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"targets {tuple(targets.shape)} must be [B, T] = {tuple(hidden.shape[:2])}, as hidden "
+                         f"{tuple(hidden.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(targets.shape):
+            raise ValueError(f"mask {tuple(mask.shape)} must have the shape of targets {tuple(targets.shape)}")
+    for name, value in per_token.items():
+        if value is None:
+            continue
+        check_tensor(name, value, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if tuple(value.shape) != tuple(targets.shape):
+            raise ValueError(f"{name} {tuple(value.shape)} must have the shape of targets {tuple(targets.shape)}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask, **per_token)
+    used = targets if mask is None else targets.masked_fill(~mask.bool(), 0)
+    check_targets(used, targets.shape, weight.shape[0], ignore_index=None)
+
+
+def check_per_sequence(batch_size, device, **per_sequence):
+    """Optional float tensors [B], one value per sequence, named by their keywords; rewards must be finite."""
+    for name, value in per_sequence.items():
+        if value is None:
+            continue
+        check_tensor(name, value, dims=(1,))
+        if value.shape[0] != batch_size:
+            raise ValueError(f"{name} {tuple(value.shape)} must hold one value per sequence ({batch_size})")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device}, hidden on {device}")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite; found NaN or inf")

@@ -1,10 +1,13 @@
-"""gal_loss: DYPO's group alignment loss on sequence log-probs, and its per-sequence coefficients."""
+"""DYPO's group alignment loss: gal_loss on sequence log-probs, its per-sequence coefficients, and fused_gal_loss
+from hidden states."""
 
 import torch
 import torch.nn.functional as F
 
 from dypo_kernels.groups import group_ids
-from dypo_kernels.validation import check_same_device, check_tensor
+from dypo_kernels.linear_logprobs import fused_linear_logprobs
+from dypo_kernels.validation import check_number, check_per_sequence, check_same_device, check_sequence_batch, \
+    check_temperature, check_tensor
 
 
 def _padded_groups(ids, num_groups, group_size):
@@ -103,3 +106,48 @@ def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None,
         coefficients = torch.empty_like(seq_logps, dtype=torch.float32)
         coefficients[order] = padded[ids[order], slot]
         return coefficients
+
+
+def sequence_logprobs(token_logps, mask, average):
+    """S_i: the sum (or, with ``average``, the mean) of token log-probs ``[B, T]`` over ``mask``."""
+    total = (token_logps.float() * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_index=None, mask=None, ref_logps=None,
+                   ref_seq_logps=None, beta=1.0, average_log_prob=False, bias=None, temperature=1.0,
+                   return_metrics=False):
+    """Group alignment loss (DYPO paper eq. 14-15) from hidden states, never building the logits: gal_loss on
+    S_i = sum_t mask_i,t lp_i,t (the mean with ``average_log_prob``), lp the token log-probs of fused_linear_logprobs.
+
+    Args:
+        hidden: ``[B, T, D]`` fp32/bf16/fp16; weight ``[V, D]``; bias ``[V]`` or None; targets ``[B, T]``.
+        rewards: ``[B]`` finite; pairs (s, f) of one group with R_s > R_f.
+        group_size / group_index: uniform groups of consecutive rows or ``[B]`` ids 0..G-1 (exactly one).
+        mask: ``[B, T]`` the response tokens (None: all).
+        ref_logps: ``[B, T]`` reference token log-probs, or ref_seq_logps ``[B]`` (at most one).
+        beta: >= 0; temperature > 0; return_metrics: as gal_loss.
+
+    Returns:
+        fp32 scalar (and the metrics); a batch without pairs gives 0 with zero gradients.
+
+    Cost: two sweeps over the vocabulary (8NDV FLOP): the GAL gradient sum_i c_i grad S_i needs the current S_i
+    before any gradient can be formed. dypo_loss with the current policy's ``old_logps`` knows them beforehand and
+    needs one sweep. Extra memory O(N*D + V*D + chunk*V) (that of fused_linear_logprobs).
+    """
+    check_sequence_batch(hidden, weight, bias, targets, mask, ref_logps=ref_logps)
+    check_per_sequence(hidden.shape[0], hidden.device, rewards=rewards, ref_seq_logps=ref_seq_logps)
+    if ref_logps is not None and ref_seq_logps is not None:
+        raise ValueError("give ref_logps ([B, T]) or ref_seq_logps ([B]), not both")
+    check_number("beta", beta, low=0)
+    check_temperature(temperature)
+    group_ids(hidden.shape[0], hidden.device, group_size, group_index)
+
+    mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    token_logps = fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -1), bias=bias,
+                                        temperature=temperature, ignore_index=-1)
+    seq_logps = sequence_logprobs(token_logps, mask, average_log_prob)
+    if ref_logps is not None:
+        ref_seq_logps = sequence_logprobs(ref_logps.detach(), mask, average_log_prob)
+    return gal_loss(seq_logps, rewards, ref_seq_logps=ref_seq_logps, group_size=group_size, group_index=group_index,
+                    beta=beta, return_metrics=return_metrics)

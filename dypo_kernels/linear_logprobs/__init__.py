@@ -18,6 +18,36 @@ def _kernels(backend):
     return functools.partial(cpu.forward, backend=backend), functools.partial(cpu.backward, backend=backend)
 
 
+def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps, *, needs_input_grad,
+                          backend):
+    """The sweep of the token-separable losses: (lse, logps, entropy) of every row and, in the same call, the fp32
+    gradients of sum_t L_t(lp_t) where ``gradient_of_logps(rows, logps, entropy)`` gives g_t = dL_t/dlp_t for a slice
+    of rows once their log-probs are known.
+
+    CPU: one sweep of chunked logits, 6NDV FLOP (cpu.forward_and_gradients). Triton: the forward kernel (2NDV), then
+    the backward kernel with g as the log-prob gradient (6NDV, the tiles recomputed in registers): 8NDV, with no
+    logits buffer at all, the trade Cut Cross-Entropy makes on GPUs.
+    """
+    if backend != "triton":
+        return cpu.forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps,
+                                         needs_input_grad=needs_input_grad, backend=backend)
+    forward_impl, backward_impl = _kernels(backend)
+    lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
+    logps = target_logit - lse
+    grad_logp = gradient_of_logps(slice(0, hidden.shape[0]), logps, entropy).float().contiguous()
+    grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp, None, inv_temperature,
+                          needs_input_grad=needs_input_grad)
+    return (lse, logps, entropy, *grads)
+
+
+def correction_gradients(hidden, weight, bias, targets, lse, entropy, grad_logp, inv_temperature, *,
+                         needs_input_grad, backend):
+    """fp32 gradients of sum_t grad_logp_t lp_t for rows whose lse and entropy a sweep already gave (6NDV)."""
+    _, backward_impl = _kernels(backend)
+    return backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(), None,
+                         inv_temperature, needs_input_grad=needs_input_grad)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """hidden [N, D] (rows already free of ignored targets), weight [V, D], bias [V] or None, targets [N] int64.
     Returns fp32 (logps, entropy) [N]; saves only per-row fp32 statistics, the logits are recomputed backward."""

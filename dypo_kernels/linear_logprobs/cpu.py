@@ -1,7 +1,9 @@
-"""CPU path of fused_linear_logprobs: chunks of rows, each chunk's logits [rows, V] made by one matrix product,
-reduced by the C++ vocabulary pass (backend "cpp") or by plain torch ops (backend "torch"), then freed.
+"""CPU path of fused_linear_logprobs and of the single sweep of the token-separable losses: chunks of rows, each
+chunk's logits [rows, V] made by one matrix product, reduced by the C++ vocabulary pass (backend "cpp") or by plain
+torch ops (backend "torch"), then freed.
 
-Forward 2NDV FLOP; backward recomputes the logits (2NDV) and does the two gradient products (4NDV).
+fused_linear_logprobs: forward 2NDV FLOP; backward recomputes the logits (2NDV) and does the two gradient products
+(4NDV). ``forward_and_gradients`` (the losses): 6NDV, each chunk's logits turned into their gradient in place.
 """
 
 import torch
@@ -24,6 +26,7 @@ def _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature):
 
 # The plain torch passes work in place on the logits chunk and keep one more chunk-sized buffer. Clamping the
 # shifted logits at -1e30 keeps e * shifted = 0 where a logit is -inf (0 * -inf would be NaN), and lets NaN through.
+# The forward pass leaves z shifted by its row max, which it returns last.
 def _vocab_forward_torch(z, targets):
     target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     row_max = z.max(-1, keepdim=True).values
@@ -32,7 +35,7 @@ def _vocab_forward_torch(z, targets):
     sum_exp = e.sum(-1)
     sum_exp_shifted = e.mul_(shifted.clamp_(min=-1e30)).sum(-1)
     log_sum = sum_exp.log()
-    return row_max.squeeze(-1) + log_sum, target_logit, log_sum - sum_exp_shifted / sum_exp
+    return row_max.squeeze(-1) + log_sum, target_logit, log_sum - sum_exp_shifted / sum_exp, row_max.squeeze(-1)
 
 
 def _vocab_backward_torch(z, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature):
@@ -58,7 +61,7 @@ def forward(hidden, weight, bias, targets, inv_temperature, *, backend):
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         z = _chunk_logits(hidden[rows], weight32, bias32, inv_temperature)
-        stats = ext.vocab_forward(z, targets[rows]) if ext else _vocab_forward_torch(z, targets[rows])
+        stats = ext.vocab_forward(z, targets[rows]) if ext else _vocab_forward_torch(z, targets[rows])[:3]
         for buffer, value in zip(out, stats):
             buffer[rows] = value
         del z  # free this chunk's logits before the next chunk's are made: one chunk alive at a time
@@ -97,3 +100,46 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
             grad_bias += grad_z.sum(0)
         del z, grad_z  # one chunk alive at a time
     return grad_hidden, grad_weight, grad_bias
+
+
+def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps, *, needs_input_grad,
+                          backend):
+    """The single sweep: per chunk, logits -> (lse, logps, entropy) -> g = gradient_of_logps(rows, logps, entropy)
+    -> the chunk's logits overwritten by their gradient g (onehot - p) / T -> its products with W and h.
+
+    Returns (lse, logps, entropy, grad_hidden, grad_weight, grad_bias): the gradients of sum_t L_t(lp_t) where
+    g_t = dL_t/dlp_t, fp32, None where not needed. 6NDV FLOP, one chunk of logits alive at a time.
+    """
+    needs_hidden, needs_weight, needs_bias = needs_input_grad
+    weight32 = weight.float()
+    bias32 = None if bias is None else bias.float()
+    ext = cpu_extension() if backend == "cpp" else None
+    lse, logps, entropy = (torch.empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32) if needs_hidden else None
+    grad_weight = torch.zeros_like(weight32) if needs_weight else None
+    grad_bias = torch.zeros_like(bias32) if needs_bias else None
+    step = rows_per_chunk(weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        hidden_chunk, targets_chunk = hidden[rows], targets[rows]
+        z = _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature)
+        if ext:
+            lse[rows], target_logit, entropy[rows] = ext.vocab_forward(z, targets_chunk)
+        else:
+            lse[rows], target_logit, entropy[rows], row_max = _vocab_forward_torch(z, targets_chunk)
+        logps[rows] = target_logit - lse[rows]
+        grad_logp = gradient_of_logps(rows, logps[rows], entropy[rows]).float().contiguous()
+        if ext:
+            ext.vocab_backward_(z, targets_chunk, lse[rows], entropy[rows], grad_logp, None, inv_temperature)
+            grad_z = z
+        else:  # z holds z - max: its log-softmax subtracts lse - max
+            grad_z = _vocab_backward_torch(z, targets_chunk, lse[rows] - row_max, entropy[rows], grad_logp, None,
+                                           inv_temperature)
+        if needs_hidden:
+            grad_hidden[rows] = grad_z @ weight32
+        if needs_weight:
+            grad_weight.addmm_(grad_z.T, hidden_chunk.float())
+        if needs_bias:
+            grad_bias += grad_z.sum(0)
+        del z, grad_z  # one chunk alive at a time
+    return lse, logps, entropy, grad_hidden, grad_weight, grad_bias

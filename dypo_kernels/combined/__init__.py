@@ -1,0 +1,186 @@
+"""dypo_loss: DYPO's routed objective (SFT on hard prompts, GRPO + GAL on mid ones) in one sweep over the vocabulary."""
+
+import torch
+
+from dypo_kernels.advantages import group_advantages
+from dypo_kernels.backend import select_backend
+from dypo_kernels.gal import gal_coefficients, gal_loss, sequence_logprobs
+from dypo_kernels.grade import Route
+from dypo_kernels.grpo import check_grpo_settings, policy_metrics
+from dypo_kernels.groups import group_ids
+from dypo_kernels.linear_logprobs import fused_linear_logprobs
+from dypo_kernels.sweep import SweepLossFunction, TokenTerms, select_tokens, token_weights
+from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
+    check_tensor
+
+# The GAL gradient is formed with coefficients c_i computed before the sweep, from old_logps. If the sweep's own
+# log-probs give coefficients further than this (relative to their largest) from those, the old log-probs were not
+# the current policy's and one more gradient pass adds the difference, so the gradient is always the exact one.
+COEFFICIENT_RTOL = 1e-3
+
+
+def _check_routes(route, ids, num_groups):
+    """(is_rl, is_sft) [B] bool and the number of mid (RL) and hard (SFT) groups; one host sync."""
+    valid = (route == Route.SKIP) | (route == Route.RL) | (route == Route.SFT)
+    if route.numel() and not bool(valid.all()):
+        bad = route[~valid][:5].tolist()
+        raise ValueError(f"route must hold Route values ({', '.join(f'{r.name}={int(r)}' for r in Route)}); "
+                         f"found {bad}")
+    is_rl, is_sft = route == Route.RL, route == Route.SFT
+    group_rl = torch.zeros(num_groups, dtype=torch.long, device=ids.device).index_add_(0, ids, is_rl.long()) > 0
+    group_sft = torch.zeros(num_groups, dtype=torch.long, device=ids.device).index_add_(0, ids, is_sft.long()) > 0
+    mixed = (group_rl & group_sft).nonzero().squeeze(1)
+    if mixed.numel():
+        raise ValueError(f"groups {mixed[:5].tolist()} of group_index hold both RL and SFT rows: a prompt is either "
+                         "mid (its rollouts are RL rows) or hard (its teacher trajectories are SFT rows)")
+    return is_rl, is_sft, int(group_rl.sum()), int(group_sft.sum())
+
+
+def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part):
+    """Aggregation weights of the kept tokens of one part (its rows ``rows_of_part``), 0 on the other tokens."""
+    rank = torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    rank[rows_of_part] = torch.arange(rows_of_part.shape[0], device=mask.device)
+    weights = torch.zeros(sequence.shape, dtype=torch.float32, device=mask.device)
+    weights[token_in_part] = token_weights(loss_type, mask[rows_of_part], rank[sequence[token_in_part]])
+    return weights, rank
+
+
+def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
+              ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
+              loss_type="grpo", bias=None, temperature=1.0, return_metrics=False):
+    """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
+    trajectories of hard prompts, in one sweep over the vocabulary.
+
+        L = (P_hard * gamma * L_SFT + P_mid * (alpha * L_GRPO + (1 - alpha) * L_GAL)) / (P_hard + P_mid)
+
+    P_mid and P_hard count the groups (prompts) of ``group_index`` with RL and SFT rows. L_GRPO is fused_grpo_loss
+    on the RL rows (advantages, clip range, k3 KL with ``beta_kl``, aggregation ``loss_type``; dr_grpo divides by
+    T); L_SFT is -lp_t aggregated the same way over the SFT rows; L_GAL is gal_loss on the RL rows' sequence
+    log-probs S_i = sum_t mask lp (minus the reference's when ``ref_logps`` is given), sharpness ``beta_gal``. For
+    loss_type "grpo" and equal group sizes this is the mean over the routed prompts of each prompt's objective (the
+    expectation over prompts of eq. 4). SKIP rows and masked tokens are dropped before the projection. A batch
+    without RL or SFT rows gives 0 with zero gradients.
+
+    Args:
+        hidden: ``[B, T, D]`` fp32/bf16/fp16; weight ``[V, D]``; bias ``[V]`` or None; targets, mask ``[B, T]``.
+        route: ``[B]`` integer Route values (SKIP, RL, SFT); a group may not hold both RL and SFT rows.
+        rewards: ``[B]`` finite (GAL's pairs: R_s > R_f within a group; SFT and SKIP rows' rewards are unused).
+        group_index: ``[B]`` ids 0..G-1 of each row's prompt.
+        advantages: ``[B]`` (read on RL rows); None computes them over the RL rows with group_advantages.
+        old_logps: ``[B, T]`` sampling-policy log-probs; None means on-policy. ref_logps: ``[B, T]`` reference's.
+        alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
+        fused_grpo_loss; temperature > 0.
+        return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts),
+            ``num_prompts_sft``, ``num_prompts_rl``, ``num_sweeps``, fused_grpo_loss's token metrics over the RL
+            tokens and gal_loss's pair metrics.
+
+    Returns:
+        the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
+
+    Sweeps: every term's logit gradient is g_t (onehot - softmax) / T, with GAL's g_t = c_i the per-sequence
+    coefficient of gal_coefficients (DESIGN.md section 1). With ``old_logps`` the c_i come from them and the whole
+    loss takes one sweep (CPU 6NDV; CUDA 8NDV, no logits buffer); if the sweep's log-probs show the old ones were not
+    the current policy's (coefficients off by more than COEFFICIENT_RTOL), one gradient pass over the vocabulary
+    adds the exact difference. Without ``old_logps`` (and alpha < 1) a no-gradient pass over the RL rows gives the
+    c_i first (+2NDV). Extra memory O(N*D + V*D + chunk*V). Host syncs: the routes check, the kept tokens, and the
+    coefficient check.
+    """
+    check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
+    batch_size, device = hidden.shape[0], hidden.device
+    check_tensor("route", route, dims=(1,), integer=True)
+    if route.shape[0] != batch_size or route.device != device:
+        raise ValueError(f"route {tuple(route.shape)} on {route.device} must hold one value per sequence "
+                         f"({batch_size}) on {device}")
+    check_per_sequence(batch_size, device, rewards=rewards, advantages=advantages)
+    check_number("alpha", alpha, low=0, high=1)
+    check_number("gamma", gamma, low=0)
+    check_number("beta_gal", beta_gal, low=0)
+    check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl")
+    check_temperature(temperature)
+    ids, num_groups = group_ids(batch_size, device, None, group_index)
+    is_rl, is_sft, prompts_rl, prompts_sft = _check_routes(route, ids, num_groups)
+    backend = select_backend(device)
+
+    mask = mask.bool()
+    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask & (is_rl | is_sft)[:, None])
+    token_rl, token_sft = is_rl[sequence], is_sft[sequence]
+    rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
+    prompts = max(prompts_rl + prompts_sft, 1)
+    share_rl, share_sft = prompts_rl / prompts, prompts_sft / prompts
+    rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl)
+    sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft)
+    rl_group = torch.unique(ids[rl_rows], return_inverse=True)[1]
+    rl_rewards = rewards[rl_rows]
+    if advantages is None:
+        rl_advantages = group_advantages(rl_rewards, group_index=rl_group).advantages if rl_rows.numel() else \
+            rewards.new_zeros(0, dtype=torch.float32)
+    else:
+        rl_advantages = advantages.detach().float()[rl_rows]
+
+    token_advantages = torch.zeros(sequence.shape, dtype=torch.float32, device=device)
+    token_advantages[token_rl] = rl_advantages[rl_rank[sequence[token_rl]]]
+    terms = TokenTerms(pg_weight=share_rl * alpha * rl_weights, advantages=token_advantages,
+                       nll_weight=share_sft * gamma * sft_weights, eps_low=eps_low, eps_high=eps_high)
+    if old_logps is not None:
+        terms.old_logps = torch.where(token_rl, old_logps.detach().float().reshape(-1)[kept], 0.0)
+    if ref_logps is not None:
+        terms.ref_logps = torch.where(token_rl, ref_logps.detach().float().reshape(-1)[kept], 0.0)
+        terms.kl_weight = beta_kl * terms.pg_weight
+    rl_mask = mask[rl_rows].float()
+    ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
+    gal_scale = share_rl * (1 - alpha)
+    with_gal = gal_scale > 0 and rl_rows.numel() > 0
+    num_sweeps = 1
+
+    def coefficients(seq_logps):
+        return gal_coefficients(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps, group_index=rl_group,
+                                beta=beta_gal)
+
+    def per_token(per_sequence):
+        values = torch.zeros(sequence.shape, dtype=torch.float32, device=device)
+        values[token_rl] = per_sequence[rl_rank[sequence[token_rl]]]
+        return values
+
+    if with_gal:
+        if old_logps is not None:
+            used_seq_logps = sequence_logprobs(old_logps.detach()[rl_rows], rl_mask, False)
+        else:  # the current S_i from a pass without gradients
+            with torch.no_grad():
+                rl_targets = targets[rl_rows].masked_fill(~mask[rl_rows], -1)
+                token_logps = fused_linear_logprobs(hidden.detach()[rl_rows], weight.detach(), rl_targets,
+                                                    bias=None if bias is None else bias.detach(),
+                                                    temperature=temperature, ignore_index=-1)
+            used_seq_logps = sequence_logprobs(token_logps, rl_mask, False)
+            num_sweeps += 1
+        used_coefficients = coefficients(used_seq_logps)
+        terms.seq_coef = gal_scale * per_token(used_coefficients)
+    outcome = {}
+
+    def finish(result):
+        nonlocal num_sweeps
+        loss, correction = result.value.sum(), None
+        if with_gal:
+            seq_logps = torch.zeros(rl_rows.shape[0], dtype=torch.float32, device=device).index_add_(
+                0, rl_rank[sequence[token_rl]], result.logps[token_rl])
+            gal_value, outcome["gal_metrics"] = gal_loss(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps,
+                                                         group_index=rl_group, beta=beta_gal, return_metrics=True)
+            loss = loss + gal_scale * gal_value
+            outcome["loss_gal"] = gal_value
+            exact = coefficients(seq_logps)
+            drift = (exact - used_coefficients).abs().max()
+            if bool(drift > COEFFICIENT_RTOL * exact.abs().max()):
+                correction = gal_scale * per_token(exact - used_coefficients)
+                num_sweeps += 1
+        outcome["result"] = result
+        return loss, correction
+
+    loss = SweepLossFunction.apply(kept_hidden, weight, bias, kept_targets, 1.0 / temperature, backend, terms, finish)
+    if not return_metrics:
+        return loss
+    result = outcome["result"]
+    policy_loss = result.parts["policy_loss"] + beta_kl * result.parts.get("kl", 0.0)
+    metrics = {"loss_sft": -(sft_weights * result.logps).sum(), "loss_grpo": (rl_weights * policy_loss).sum(),
+               "loss_gal": outcome.get("loss_gal", torch.zeros((), device=device)),
+               "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_sweeps": num_sweeps,
+               **policy_metrics(result, tokens=token_rl), **outcome.get("gal_metrics", {})}
+    return loss, metrics
