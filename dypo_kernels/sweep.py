@@ -133,7 +133,7 @@ class SweepLossFunction(torch.autograd.Function):
         if correction is not None and hidden.shape[0]:
             extra = correction_gradients(hidden, weight, bias, targets, result.lse, result.entropy, correction,
                                          inv_temperature, needs_input_grad=needs, backend=backend)
-            grads = tuple(None if g is None else g + e.float() for g, e in zip(grads, extra))
+            grads = tuple(None if g is None else g.add_(e) for g, e in zip(grads, extra))
         ctx.save_for_backward(*grads)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
         return loss

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from dypo_kernels import Route, dypo_loss, fused_grpo_loss, fused_linear_logprobs, reference
+from tests.batches import gradients, nearby_logps, sequence_batch
+from tests.conftest import HAS_CUDA, relative_error
+
+# 4 prompts: 0 and 2 mid (RL rollouts), 1 hard (two SFT teacher trajectories), 3 easy (SKIP); rows shuffled
+GROUP_INDEX = [0, 1, 0, 2, 3, 2, 1, 0, 2, 3]
+ROUTE = [Route.RL, Route.SFT, Route.RL, Route.RL, Route.SKIP, Route.RL, Route.SFT, Route.RL, Route.RL, Route.SKIP]
+REWARDS = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.3, 1.0]
+OLD_LOGPS = ["none", "current", "stale"]
+
+
+def dypo_inputs(device, old="none", temperature=0.7, seed=0, dtype=torch.float32):
+    batch = sequence_batch(len(ROUTE), 8, 40, 101, dtype=dtype, device=device, seed=seed)
+    current = fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"], bias=batch["bias"],
+                                    temperature=temperature).detach()
+    generator = batch["generator"]
+    kwargs = dict(mask=batch["mask"], route=torch.tensor(ROUTE).to(device), rewards=torch.tensor(REWARDS).to(device),
+                  group_index=torch.tensor(GROUP_INDEX).to(device), ref_logps=nearby_logps(current, generator, 0.2),
+                  bias=batch["bias"], temperature=temperature, alpha=0.3, gamma=0.7, beta_gal=0.5, beta_kl=0.05,
+                  eps_low=0.2, eps_high=0.28)
+    if old == "current":
+        kwargs["old_logps"] = current
+    elif old == "stale":
+        kwargs["old_logps"] = nearby_logps(current, generator, 0.3)
+    return batch, kwargs
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("old", OLD_LOGPS)
+def test_matches_float64_reference(backend, loss_type, old):
+    batch, kwargs = dypo_inputs(backend, old)
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss, metrics = dypo_loss(*args, loss_type=loss_type, return_metrics=True, **kwargs)
+    expected = reference.dypo_loss(*args, loss_type=loss_type, **kwargs)
+    assert relative_error(loss, expected) < 1e-5
+    for name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5, name
+    # one sweep when old_logps are the current policy's; otherwise one more pass for the GAL coefficients
+    assert metrics["num_sweeps"] == (1 if old == "current" else 2)
+    assert (metrics["num_prompts_rl"], metrics["num_prompts_sft"]) == (2, 1)
+
+
+def test_reference_is_the_weighted_sum_of_the_separate_losses():
+    """The oracle itself, against gamma SFT + alpha GRPO + (1 - alpha) GAL assembled by hand from the references."""
+    batch, kwargs = dypo_inputs("cpu", "stale")
+    hidden, weight, targets, mask = batch["hidden"], batch["weight"], batch["targets"].clone(), batch["mask"].clone()
+    mask[:, 0] = True  # every sequence has a token: the SFT part is then sft_loss's seq_mean
+    targets[:, 0] = 5
+    route, rewards = kwargs["route"], kwargs["rewards"]
+    rl, sft = route == Route.RL, route == Route.SFT
+    rl_group = torch.tensor([0, 0, 1, 1, 0, 1])  # prompts 0 and 2, in row order
+    common = dict(bias=kwargs["bias"], temperature=kwargs["temperature"])
+    sft_part = reference.sft_loss(hidden[sft], weight, targets[sft], mask=mask[sft], reduction="seq_mean", **common)
+    advantages = reference.group_advantages(rewards[rl], group_index=rl_group).advantages
+    grpo_part = reference.grpo_loss(hidden[rl], weight, targets[rl], advantages, mask=mask[rl],
+                                    old_logps=kwargs["old_logps"][rl], ref_logps=kwargs["ref_logps"][rl], beta=0.05,
+                                    eps_low=0.2, eps_high=0.28, **common)
+    logps, _ = reference.token_logprobs(hidden[rl], weight, targets[rl], **common)
+    ref_seq = (kwargs["ref_logps"][rl] * mask[rl]).sum(-1)
+    gal_part = reference.gal_loss((logps * mask[rl]).sum(-1), rewards[rl], ref_seq_logps=ref_seq,
+                                  group_index=rl_group, beta=0.5)
+    by_hand = (1 * 0.7 * sft_part + 2 * (0.3 * grpo_part + 0.7 * gal_part)) / 3
+    kwargs["mask"] = mask
+    assert relative_error(reference.dypo_loss(hidden, weight, targets, **kwargs), by_hand) < 1e-9
+    loss, metrics = dypo_loss(hidden, weight, targets, return_metrics=True, **kwargs)
+    assert relative_error(loss, by_hand) < 1e-5
+    for name, part in (("loss_sft", sft_part), ("loss_grpo", grpo_part), ("loss_gal", gal_part)):
+        assert relative_error(metrics[name], part) < 1e-5, name
+
+
+def test_single_sweep_equals_two_sweeps(backend):
+    """With the current policy's old_logps, GAL's coefficients are known before the sweep: same loss and
+    gradients as the path that first computes them in a pass without gradients."""
+    batch, kwargs = dypo_inputs(backend, "current")
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    one, one_metrics = dypo_loss(*args, return_metrics=True, **kwargs)
+    kwargs["old_logps"] = None
+    two, two_metrics = dypo_loss(*args, return_metrics=True, **kwargs)
+    assert (one_metrics["num_sweeps"], two_metrics["num_sweeps"]) == (1, 2)
+    assert relative_error(one, two) < 1e-6
+    for grad_one, grad_two in zip(gradients(one, batch), gradients(two, batch)):
+        assert relative_error(grad_one, grad_two) < 1e-6
+
+
+def test_rl_rows_only_with_alpha_one_is_grpo(backend):
+    batch, kwargs = dypo_inputs(backend, "stale")
+    kwargs.update(route=torch.full((len(ROUTE),), int(Route.RL), device=backend), alpha=1.0,
+                  advantages=torch.randn(len(ROUTE), generator=batch["generator"]).to(backend))
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss = dypo_loss(*args, **kwargs)
+    grpo = fused_grpo_loss(*args, kwargs["advantages"], mask=kwargs["mask"], old_logps=kwargs["old_logps"],
+                           ref_logps=kwargs["ref_logps"], beta=0.05, eps_high=0.28, bias=kwargs["bias"],
+                           temperature=kwargs["temperature"])
+    assert relative_error(loss, grpo) < 1e-6
+    for grad, ref in zip(gradients(loss, batch), gradients(grpo, batch)):
+        assert relative_error(grad, ref) < 1e-6
+
+
+def test_only_skipped_rows_give_zero_with_zero_gradients(backend):
+    batch, kwargs = dypo_inputs(backend)
+    kwargs["route"] = torch.zeros(len(ROUTE), dtype=torch.long, device=backend)
+    loss = dypo_loss(batch["hidden"], batch["weight"], batch["targets"], **kwargs)
+    assert loss.item() == 0.0
+    assert all(torch.all(g == 0) for g in gradients(loss, batch))
+
+
+def test_rollout_group_of_one_is_valid(backend):
+    batch, kwargs = dypo_inputs(backend)
+    kwargs["group_index"] = torch.tensor([0, 1, 0, 2, 3, 2, 1, 0, 4, 3]).to(backend)  # row 8: an RL group of one
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss, metrics = dypo_loss(*args, return_metrics=True, **kwargs)
+    expected = reference.dypo_loss(*args, **kwargs)
+    assert relative_error(loss, expected) < 1e-5
+    assert metrics["num_prompts_rl"] == 3
+    for grad, ref in zip(gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5
+
+
+def test_two_calls_give_identical_bits(backend, request):
+    if request.node.backend_name == "triton" and HAS_CUDA:
+        pytest.skip("the CUDA gradient kernel adds tiles with atomics (documented)")
+    batch, kwargs = dypo_inputs(backend, "stale")
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    first, second = (dypo_loss(*args, **kwargs) for _ in range(2))
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(gradients(first, batch), gradients(second, batch)))
+
+
+def bad_settings():
+    rl_and_sft = torch.tensor(GROUP_INDEX)
+    rl_and_sft[1] = 0  # an SFT row in prompt 0, whose other rows are RL
+    return [
+        (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(gamma=-1.0), "gamma"),
+        (dict(beta_gal=-1.0), "beta_gal"), (dict(beta_kl=-0.1), "beta_kl"), (dict(eps_low=1.0), "eps_low"),
+        (dict(loss_type="sum"), "loss_type.*'grpo', 'bnpo', 'dapo', 'dr_grpo'"),
+        (dict(route=torch.tensor([1, 2, 1, 1, 0, 1, 2, 1, 3, 0])), "route.*SKIP=0, RL=1, SFT=2"),
+        (dict(route=torch.ones(9, dtype=torch.long)), "route"),
+        (dict(group_index=rl_and_sft), "groups \\[0\\].*both RL and SFT"),
+        (dict(group_index=torch.tensor(GROUP_INDEX) * 2), "group_index"),
+        (dict(rewards=torch.tensor(REWARDS[:-1] + [float("inf")])), "rewards"),
+        (dict(advantages=torch.zeros(3)), "advantages"),
+        (dict(old_logps=torch.zeros(10, 7)), "old_logps"),
+        (dict(mask=torch.ones(10, 7, dtype=torch.bool)), "mask"),
+        (dict(ref_logps=None), "ref_logps"),  # beta_kl > 0 needs them
+        (dict(temperature=0), "temperature"),
+    ]
+
+
+@pytest.mark.parametrize("changes,match", bad_settings())
+def test_bad_input_raises_naming_the_argument(changes, match):
+    batch, kwargs = dypo_inputs("cpu")
+    kwargs.update(changes)
+    with pytest.raises((ValueError, TypeError), match=match):
+        dypo_loss(batch["hidden"], batch["weight"], batch["targets"], **kwargs)
