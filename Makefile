@@ -17,4 +17,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/ -q
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m benchmarks.logprobs_vs_naive
+	$(BIN)/python -m benchmarks.cpu_vs_naive

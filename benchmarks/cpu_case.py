@@ -80,6 +80,7 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, repeats=0, se
         os.environ["DYPO_KERNELS_BACKEND"] = backend
     import torch
 
+    from dypo_kernels import fused_linear_logprobs
     from dypo_kernels.backend import cpu_extension
 
     if impl == "fused" and backend == "cpp":
@@ -91,8 +92,10 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, repeats=0, se
     T = min(T, N)
     batch = N // T
     rewards = (torch.arange(batch) % 2).float()
-    old_logps = -torch.rand(batch, T, generator=generator) * 2 - 9.5  # near log(1 / V): ratios around 1
-    ref_logps = old_logps + 0.01 * torch.randn(batch, T, generator=generator)
+    # the first update after the rollouts: old log-probs are the current policy's (dypo_loss then takes one sweep)
+    with torch.no_grad():
+        old_logps = fused_linear_logprobs(hidden, weight, targets).view(batch, T) if loss != "logprobs" else None
+    ref_logps = None if old_logps is None else old_logps + 0.01 * torch.randn(batch, T, generator=generator)
     forward = _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T)
 
     def step():

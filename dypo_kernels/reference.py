@@ -42,9 +42,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
 
 def sequence_logprobs(token_logps, mask, *, average=False):
     """S_i = sum of lp_t over the response tokens of sequence i (the mean over them when ``average``)."""
-    mask = mask.to(token_logps.dtype)
-    total = (token_logps * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    total = torch.where(mask.bool(), token_logps, 0.0).sum(-1)
+    return total / mask.to(token_logps.dtype).sum(-1).clamp(min=1) if average else total
 
 
 def _group_ids(batch_size, group_size, group_index, device):

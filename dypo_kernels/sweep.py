@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dypo_kernels.linear_logprobs import correction_gradients, forward_and_gradients
 
@@ -119,13 +120,15 @@ class SweepLossFunction(torch.autograd.Function):
 
     ``finish(result)`` returns the scalar loss and, optionally, a per-token correction of dL/dlp_t (fp32 ``[N]``)
     found only after the sweep (dypo_loss's GAL coefficients when old_logps were stale); its gradients are added with
-    one more gradient pass (6NDV). The gradients are computed in the forward and scaled in the backward.
+    one more gradient pass (6NDV). The gradients are computed in the forward (only when ``grad_enabled``: not under
+    torch.no_grad) and scaled in the backward. Each loss awaiting its backward holds fp32 gradients of hidden and
+    weight (N*D + V*D): sum micro-batch losses after their backward, not before.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, terms: TokenTerms,
-                finish: Callable[[SweepResult], tuple]):
-        needs = tuple(ctx.needs_input_grad[:3])
+                finish: Callable[[SweepResult], tuple], grad_enabled):
+        needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
         result = sweep(hidden, weight, bias, targets, inv_temperature, terms, needs_input_grad=needs,
                        backend=backend)
         loss, correction = finish(result)
@@ -139,10 +142,17 @@ class SweepLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors,
                                                                                         ctx.dtypes))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
+
+
+def sweep_loss(hidden, weight, bias, targets, temperature, backend, terms, finish):
+    """The loss of ``terms`` over the kept tokens, through SweepLossFunction."""
+    return SweepLossFunction.apply(hidden, weight, bias, targets, 1.0 / temperature, backend, terms, finish,
+                                   torch.is_grad_enabled())
 
 
 def select_tokens(hidden, targets, mask):
@@ -172,8 +182,6 @@ def token_weights(loss_type, mask, sequence, max_len=None):
     return torch.full(sequence.shape, 1.0 / (mask.shape[0] * (max_len or mask.shape[-1])), device=mask.device)
 
 
-def masked_mean(values, weights=None):
-    """Detached mean of a per-token diagnostic (0 for no token)."""
-    if values.numel() == 0:
-        return values.new_zeros(())
-    return values.mean() if weights is None else (values * weights).sum() / weights.sum().clamp(min=1)
+def token_mean(values):
+    """Mean of a per-token diagnostic (0 for no token)."""
+    return values.mean() if values.numel() else values.new_zeros(())

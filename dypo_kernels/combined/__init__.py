@@ -9,13 +9,14 @@ from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
 from dypo_kernels.linear_logprobs import fused_linear_logprobs
-from dypo_kernels.sweep import SweepLossFunction, TokenTerms, select_tokens, token_weights
+from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss, token_weights
 from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
     check_tensor
 
 # The GAL gradient is formed with coefficients c_i computed before the sweep, from old_logps. If the sweep's own
-# log-probs give coefficients further than this (relative to their largest) from those, the old log-probs were not
-# the current policy's and one more gradient pass adds the difference, so the gradient is always the exact one.
+# log-probs give coefficients further than this from those (in max norm, relative to the largest), the old log-probs
+# were not the current policy's and one more gradient pass adds the difference. Below it, the GAL gradient's error
+# is at most this fraction of its largest coefficient: the size of bf16 rounding in the log-probs.
 COEFFICIENT_RTOL = 1e-3
 
 
@@ -64,12 +65,13 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     Args:
         hidden: ``[B, T, D]`` fp32/bf16/fp16; weight ``[V, D]``; bias ``[V]`` or None; targets, mask ``[B, T]``.
         route: ``[B]`` integer Route values (SKIP, RL, SFT); a group may not hold both RL and SFT rows.
-        rewards: ``[B]`` finite (GAL's pairs: R_s > R_f within a group; SFT and SKIP rows' rewards are unused).
+        rewards: ``[B]`` finite (GAL's pairs: R_s > R_f within a group; SFT and SKIP rows' values do not matter).
         group_index: ``[B]`` ids 0..G-1 of each row's prompt.
         advantages: ``[B]`` (read on RL rows); None computes them over the RL rows with group_advantages.
         old_logps: ``[B, T]`` sampling-policy log-probs; None means on-policy. ref_logps: ``[B, T]`` reference's.
         alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
-        fused_grpo_loss; temperature > 0.
+        fused_grpo_loss; temperature > 0. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what
+        lies outside the mask is not read.
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts),
             ``num_prompts_sft``, ``num_prompts_rl``, ``num_sweeps``, fused_grpo_loss's token metrics over the RL
             tokens and gal_loss's pair metrics.
@@ -81,10 +83,13 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     coefficient of gal_coefficients (DESIGN.md section 1). With ``old_logps`` the c_i come from them and the whole
     loss takes one sweep (CPU 6NDV; CUDA 8NDV, no logits buffer); if the sweep's log-probs show the old ones were not
     the current policy's (coefficients off by more than COEFFICIENT_RTOL), one gradient pass over the vocabulary
-    adds the exact difference. Without ``old_logps`` (and alpha < 1) a no-gradient pass over the RL rows gives the
-    c_i first (+2NDV). Extra memory O(N*D + V*D + chunk*V). Host syncs: the routes check, the kept tokens, and the
-    coefficient check.
+    adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are stale by design, cost
+    12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL rows gives the c_i
+    first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes,
+    rewards), the selection of kept tokens, and the coefficient check; none inside the sweep.
     """
+    if mask is None or group_index is None or rewards is None:
+        raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")
     check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
     batch_size, device = hidden.shape[0], hidden.device
     check_tensor("route", route, dims=(1,), integer=True)
@@ -110,7 +115,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl)
     sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft)
     rl_group = torch.unique(ids[rl_rows], return_inverse=True)[1]
-    rl_rewards = rewards[rl_rows]
+    rl_rewards = rewards[rl_rows].float()
     if advantages is None:
         rl_advantages = group_advantages(rl_rewards, group_index=rl_group).advantages if rl_rows.numel() else \
             rewards.new_zeros(0, dtype=torch.float32)
@@ -130,6 +135,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
     gal_scale = share_rl * (1 - alpha)
     with_gal = gal_scale > 0 and rl_rows.numel() > 0
+    with_gal_gradient = with_gal and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: GAL is log 2
     num_sweeps = 1
 
     def coefficients(seq_logps):
@@ -141,7 +147,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         values[token_rl] = per_sequence[rl_rank[sequence[token_rl]]]
         return values
 
-    if with_gal:
+    if with_gal_gradient:
         if old_logps is not None:
             used_seq_logps = sequence_logprobs(old_logps.detach()[rl_rows], rl_mask, False)
         else:  # the current S_i from a pass without gradients
@@ -166,20 +172,24 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
                                                          group_index=rl_group, beta=beta_gal, return_metrics=True)
             loss = loss + gal_scale * gal_value
             outcome["loss_gal"] = gal_value
+        if with_gal_gradient:
             exact = coefficients(seq_logps)
             drift = (exact - used_coefficients).abs().max()
-            if bool(drift > COEFFICIENT_RTOL * exact.abs().max()):
+            if not bool(drift <= COEFFICIENT_RTOL * exact.abs().max()):  # NaN drift corrects too
                 correction = gal_scale * per_token(exact - used_coefficients)
                 num_sweeps += 1
         outcome["result"] = result
         return loss, correction
 
-    loss = SweepLossFunction.apply(kept_hidden, weight, bias, kept_targets, 1.0 / temperature, backend, terms, finish)
+    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
     if not return_metrics:
         return loss
     result = outcome["result"]
-    policy_loss = result.parts["policy_loss"] + beta_kl * result.parts.get("kl", 0.0)
-    metrics = {"loss_sft": -(sft_weights * result.logps).sum(), "loss_grpo": (rl_weights * policy_loss).sum(),
+    policy_loss = result.parts["policy_loss"]
+    if beta_kl > 0:
+        policy_loss = policy_loss + beta_kl * result.parts["kl"]
+    metrics = {"loss_sft": -torch.where(token_sft, sft_weights * result.logps, 0.0).sum(),
+               "loss_grpo": torch.where(token_rl, rl_weights * policy_loss, 0.0).sum(),
                "loss_gal": outcome.get("loss_gal", torch.zeros((), device=device)),
                "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_sweeps": num_sweeps,
                **policy_metrics(result, tokens=token_rl), **outcome.get("gal_metrics", {})}

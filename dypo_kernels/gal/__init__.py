@@ -109,8 +109,9 @@ def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None,
 
 
 def sequence_logprobs(token_logps, mask, average):
-    """S_i: the sum (or, with ``average``, the mean) of token log-probs ``[B, T]`` over ``mask``."""
-    total = (token_logps.float() * mask).sum(-1)
+    """S_i: the sum (or, with ``average``, the mean) of token log-probs ``[B, T]`` over ``mask``; what lies outside
+    the mask (padding, possibly NaN) is not read."""
+    total = torch.where(mask.bool(), token_logps.float(), 0.0).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 

@@ -3,10 +3,9 @@
 import torch
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import (LOSS_TYPES, SweepLossFunction, TokenTerms, masked_mean, select_tokens,
-                                token_weights)
+from dypo_kernels.sweep import LOSS_TYPES, TokenTerms, select_tokens, sweep_loss, token_mean, token_weights
 from dypo_kernels.validation import check_choice, check_number, check_per_sequence, check_sequence_batch, \
-    check_temperature
+    check_temperature, check_tensor
 
 
 def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta"):
@@ -21,7 +20,7 @@ def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name
 def policy_metrics(result, tokens=None):
     """Detached token means (over ``tokens``, a bool [N], or all) of the sweep's GRPO diagnostics."""
     def mean(values):
-        return masked_mean(values if tokens is None else values[tokens])
+        return token_mean(values if tokens is None else values[tokens])
 
     metrics = {"clip_fraction_low": mean(result.parts["clipped_low"]),
                "clip_fraction_high": mean(result.parts["clipped_high"]),
@@ -62,10 +61,12 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     Cost for N masked tokens: masked tokens are dropped before the projection; the gradients are computed inside the
     forward: CPU 6NDV FLOP (one sweep of 64 MiB logit chunks), CUDA 8NDV (Triton forward and gradient kernels, no
     logits buffer). Extra memory O(N*D + V*D + chunk*V), never N x V: fp32 gradients of hidden and weight are held
-    from the forward to the backward. One host sync (the number of masked tokens). Deterministic on CPU; on CUDA the
+    from the forward to the backward. Host syncs: the input checks and the number of masked tokens, none inside the
+    sweep. Deterministic on CPU; on CUDA the
     gradient kernel adds tiles with atomics, so the last bits may vary between runs.
     """
     check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
+    check_tensor("advantages", advantages)
     check_per_sequence(hidden.shape[0], hidden.device, advantages=advantages)
     check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps)
     check_temperature(temperature)
@@ -89,7 +90,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         outcome["result"] = result
         return result.value.sum(), None
 
-    loss = SweepLossFunction.apply(kept_hidden, weight, bias, kept_targets, 1.0 / temperature, backend, terms, finish)
+    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
     if not return_metrics:
         return loss
     return loss, policy_metrics(outcome["result"])

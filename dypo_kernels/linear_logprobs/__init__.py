@@ -32,6 +32,7 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
         return cpu.forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps,
                                          needs_input_grad=needs_input_grad, backend=backend)
     forward_impl, backward_impl = _kernels(backend)
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # the kernels assume stride 1
     lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
     logps = target_logit - lse
     grad_logp = gradient_of_logps(slice(0, hidden.shape[0]), logps, entropy).float().contiguous()
@@ -44,6 +45,7 @@ def correction_gradients(hidden, weight, bias, targets, lse, entropy, grad_logp,
                          needs_input_grad, backend):
     """fp32 gradients of sum_t grad_logp_t lp_t for rows whose lse and entropy a sweep already gave (6NDV)."""
     _, backward_impl = _kernels(backend)
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     return backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(), None,
                          inv_temperature, needs_input_grad=needs_input_grad)
 

@@ -70,13 +70,13 @@ def forward(hidden, weight, bias, targets, inv_temperature, *, backend):
 
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, *,
              needs_input_grad, backend):
-    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) for hidden, weight, bias (None if not needed).
-    The weight's gradient is accumulated in fp32 whatever the weight's dtype."""
+    """fp32 gradients of sum(grad_logp * logp + grad_entropy * entropy) for hidden, weight, bias (None if not
+    needed), whatever the inputs' dtype."""
     needs_hidden, needs_weight, needs_bias = needs_input_grad
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
     ext = cpu_extension() if backend == "cpp" else None
-    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32) if needs_hidden else None
     grad_weight = torch.zeros_like(weight32) if needs_weight else None
     grad_bias = torch.zeros_like(bias32) if needs_bias else None
     step = rows_per_chunk(weight.shape[0])

@@ -3,7 +3,7 @@
 import torch
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import SweepLossFunction, TokenTerms, select_tokens
+from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_targets, \
     check_temperature, check_tensor
 
@@ -59,5 +59,5 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     _, sequence, kept_hidden, kept_targets = select_tokens(hidden.reshape(*valid.shape, hidden.shape[-1]),
                                                            targets.reshape(valid.shape), valid)
     terms = TokenTerms(nll_weight=sft_weights(reduction, valid, sequence))
-    return SweepLossFunction.apply(kept_hidden, weight, bias, kept_targets, 1.0 / temperature, backend, terms,
-                                   lambda result: (result.value.sum(), None))
+    return sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms,
+                      lambda result: (result.value.sum(), None))

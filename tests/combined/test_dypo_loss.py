@@ -4,6 +4,7 @@ import torch
 from dypo_kernels import Route, dypo_loss, fused_grpo_loss, fused_linear_logprobs, reference
 from tests.batches import gradients, nearby_logps, sequence_batch
 from tests.conftest import HAS_CUDA, relative_error
+from tests.linear_logprobs.test_linear_logprobs import low_precision_dtype
 
 # 4 prompts: 0 and 2 mid (RL rollouts), 1 hard (two SFT teacher trajectories), 3 easy (SKIP); rows shuffled
 GROUP_INDEX = [0, 1, 0, 2, 3, 2, 1, 0, 2, 3]
@@ -41,6 +42,22 @@ def test_matches_float64_reference(backend, loss_type, old):
     # one sweep when old_logps are the current policy's; otherwise one more pass for the GAL coefficients
     assert metrics["num_sweeps"] == (1 if old == "current" else 2)
     assert (metrics["num_prompts_rl"], metrics["num_prompts_sft"]) == (2, 1)
+
+
+def test_low_precision_within_torch_own_error(backend, request):
+    dtype = low_precision_dtype(request.node.backend_name)
+    batch, kwargs = dypo_inputs(backend, "current", dtype=dtype)
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss, expected = dypo_loss(*args, **kwargs), reference.dypo_loss(*args, **kwargs)
+    naive = reference.dypo_loss(*args, dtype=dtype, **kwargs)
+
+    def bound(naive_error):  # naive fp16 overflows in places (it gives NaN): then a fixed fp16-sized bound
+        return 2 * naive_error + 1e-5 if naive_error == naive_error else 1e-2
+
+    assert relative_error(loss, expected) <= bound(relative_error(naive, expected))
+    for grad, ref, base in zip(gradients(loss, batch), gradients(expected, batch), gradients(naive, batch)):
+        assert grad.dtype == dtype
+        assert relative_error(grad, ref) <= bound(relative_error(base, ref))
 
 
 def test_reference_is_the_weighted_sum_of_the_separate_losses():
@@ -155,3 +172,24 @@ def test_bad_input_raises_naming_the_argument(changes, match):
     kwargs.update(changes)
     with pytest.raises((ValueError, TypeError), match=match):
         dypo_loss(batch["hidden"], batch["weight"], batch["targets"], **kwargs)
+
+
+def test_nan_padding_outside_the_mask_is_not_read(backend):
+    batch, kwargs = dypo_inputs(backend, "stale")
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    expected = dypo_loss(*args, **kwargs)
+    for name in ("old_logps", "ref_logps"):
+        kwargs[name] = kwargs[name].masked_fill(~kwargs["mask"], float("nan"))
+    loss = dypo_loss(*args, **kwargs)
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(a, b) for a, b in zip(gradients(loss, batch), gradients(expected, batch)))
+
+
+def test_transposed_weight_view(backend):
+    batch, kwargs = dypo_inputs(backend, "current")
+    weight_t = batch["weight"].detach().T.contiguous().requires_grad_()  # [D, V]: its .T is a non-contiguous [V, D]
+    loss = dypo_loss(batch["hidden"], weight_t.T, batch["targets"], **kwargs)
+    expected = reference.dypo_loss(batch["hidden"], weight_t.T, batch["targets"], **kwargs)
+    assert relative_error(loss, expected) < 1e-5
+    (grad,), (ref,) = torch.autograd.grad(loss, [weight_t]), torch.autograd.grad(expected, [weight_t])
+    assert relative_error(grad, ref) < 1e-5

@@ -1,0 +1,51 @@
+"""dypo_kernels against naive PyTorch (and Liger-Kernel's GRPO) on the CPU: forward + backward of each loss, each
+case in a fresh process (time: median of the repeats; memory: peak RSS above the inputs). Prints Markdown tables.
+
+    python -m benchmarks.cpu_vs_naive                      # log-probs at small shapes, a few seconds (make demo)
+    python -m benchmarks.cpu_vs_naive --full --loss all    # N = 4,096, D = 1,024, V = 32,768 (README tables)
+
+Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (one group), sft, dypo (half
+RL rows of one prompt, half SFT rows of another), on sequences of 512 tokens, old log-probs equal to the current
+policy's.
+"""
+
+import argparse
+import datetime
+import platform
+
+from benchmarks.cpu_case import measure
+from dypo_kernels.backend import cpu_extension
+
+LOSSES = ("logprobs", "grpo", "gal", "sft", "dypo")
+
+
+def table(loss, shape, repeats):
+    impls = [dict(impl="naive"), dict(impl="fused", backend="torch")]
+    if cpu_extension() is not None:
+        impls.append(dict(impl="fused", backend="cpp"))
+    if loss == "grpo":
+        impls.append(dict(impl="liger"))
+    results = [measure(**impl, **shape, loss=loss, repeats=repeats) for impl in impls]
+    naive = results[0]
+    lines = [f"{loss}: fp32, N = {shape['N']:,}, D = {shape['D']:,}, V = {shape['V']:,}; forward + backward",
+             "| implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |", "|---|---|---|---|---|"]
+    for row in results:
+        lines.append(f"| {row['impl']} | {row['seconds']:.2f} | {row['seconds'] / naive['seconds']:.2f}x | "
+                     f"{row['peak_extra_mb']:.0f} | {row['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="N = 4,096, D = 1,024, V = 32,768")
+    parser.add_argument("--loss", choices=LOSSES + ("all",), default="logprobs")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    shape = dict(N=4096, D=1024, V=32768) if args.full else dict(N=1024, D=256, V=16384)
+    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}")
+    for loss in LOSSES if args.loss == "all" else (args.loss,):
+        print("\n" + table(loss, shape, args.repeats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
