@@ -6,7 +6,7 @@ inputs, DESIGN.md section 5) and its median time as JSON.
 
 loss: "logprobs" (a per-token log-prob loss; default), "grpo", "gal", "sft" or "dypo" on sequences of T tokens
 (N = B * T, one group of B rollouts; for "dypo" half the rows are RL rollouts of one prompt and half SFT
-trajectories of another). impl: "fused" (dypo_kernels with backend "cpp" or "torch"), "naive" (materialised fp32
+trajectories of another), or "kl" (forward KL to the mixture of ``teachers`` teachers of hidden size D). impl: "fused" (dypo_kernels with backend "cpp" or "torch"), "naive" (materialised fp32
 logits: the reference.py function in the inputs' dtype) or "liger" (LigerFusedLinearGRPOLoss, uncompiled, for
 "grpo"). The memory is read on the first call, before any warm-up can leave freed blocks in the allocator; the
 time is the median of ``repeats`` later calls.
@@ -27,7 +27,16 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T):
+def _teachers(count, N, D, V, seed=2):
+    """The frozen inputs of ``count`` teachers of hidden size D."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return ([torch.randn(N, D, generator=generator) for _ in range(count)],
+            [torch.randn(V, D, generator=generator) / D**0.5 for _ in range(count)])
+
+
+def _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T, teachers):
     """The forward of ``loss`` by ``impl`` on [N, D] hidden states, as a function returning a scalar."""
     import torch
     import torch.nn.functional as F
@@ -51,6 +60,11 @@ def _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T
         if impl == "fused":
             return lambda: (dypo_kernels.fused_linear_logprobs(hidden, weight, targets) * grad_logps).sum()
         return lambda: (reference.token_logprobs(hidden, weight, targets, **naive)[0] * grad_logps).sum()
+    if loss == "kl":
+        teacher_hiddens, teacher_weights = _teachers(teachers, N, D, weight.shape[0])
+        function = dypo_kernels.fused_multi_teacher_kl if impl == "fused" else reference.multi_teacher_kl
+        extra = {} if impl == "fused" else naive
+        return lambda: function(hidden, weight, teacher_hiddens, teacher_weights, **extra)
     if loss == "grpo" and impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -75,7 +89,7 @@ def _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T
             "dypo": lambda: reference.dypo_loss(seq_hidden, weight, seq_targets, **dypo, **naive)}[loss]
 
 
-def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, repeats=0, seed=0):
+def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, teachers=3, repeats=0, seed=0):
     if impl == "fused":
         os.environ["DYPO_KERNELS_BACKEND"] = backend
     import torch
@@ -94,9 +108,10 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, repeats=0, se
     rewards = (torch.arange(batch) % 2).float()
     # the first update after the rollouts: old log-probs are the current policy's (dypo_loss then takes one sweep)
     with torch.no_grad():
-        old_logps = fused_linear_logprobs(hidden, weight, targets).view(batch, T) if loss != "logprobs" else None
+        old_logps = fused_linear_logprobs(hidden, weight, targets).view(batch, T) if loss not in ("logprobs", "kl") \
+            else None
     ref_logps = None if old_logps is None else old_logps + 0.01 * torch.randn(batch, T, generator=generator)
-    forward = _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T)
+    forward = _steps(impl, loss, hidden, weight, targets, rewards, old_logps, ref_logps, T, teachers)
 
     def step():
         forward().backward()
@@ -119,12 +134,19 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, repeats=0, se
             "seconds": statistics.median(times) if times else first_seconds}
 
 
-def measure(**case):
-    """Runs one case in a fresh subprocess and returns its result dict."""
+def measure(pin_allocator=False, **case):
+    """Runs one case in a fresh subprocess and returns its result dict.
+
+    ``pin_allocator``: glibc's malloc serves every allocation over 64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so that
+    the peak RSS follows the live tensors instead of the allocator's adaptive threshold, which otherwise moves the
+    peak by tens of MB from run to run. The memory tests use it; it slows every allocation, so timings do not.
+    """
     import subprocess
 
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if pin_allocator else None
     result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_case", json.dumps(case)], capture_output=True,
-                            text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            text=True, check=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

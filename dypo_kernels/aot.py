@@ -21,11 +21,12 @@ def kernel_specs():
     """(name, kernel, signature, constexprs, launch options, expects tensor cores) for every kernel."""
     from dypo_kernels.advantages import triton_kernels as advantages
     from dypo_kernels.linear_logprobs import triton_kernels as linear_logprobs
+    from dypo_kernels.multi_teacher_kl import triton_kernels as multi_teacher_kl
 
     # exact fp32 products ("ieee") run on the FMA units; only 16-bit products must use tensor cores
     return [(f"{name}[{dtype}]", *rest, dtype != "fp32") for dtype in ("bf16", "fp32")
             for name, *rest in linear_logprobs.aot_specs(dtype)] + [
-        (*spec, False) for spec in advantages.aot_specs()]
+        (*spec, False) for spec in advantages.aot_specs() + multi_teacher_kl.aot_specs()]
 
 
 def _resource_usage(cubin: bytes):

@@ -13,11 +13,12 @@ from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss, token_weig
 from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
     check_tensor
 
-# The GAL gradient is formed with coefficients c_i computed before the sweep, from old_logps. If the sweep's own
-# log-probs give coefficients further than this from those (in max norm, relative to the largest), the old log-probs
-# were not the current policy's and one more gradient pass adds the difference. Below it, the GAL gradient's error
-# is at most this fraction of its largest coefficient: the size of bf16 rounding in the log-probs.
-COEFFICIENT_RTOL = 1e-3
+# The GAL gradient is formed with coefficients c_i computed before the sweep, from old_logps' sequence log-probs S.
+# If the sweep's own S differ from those by more than this / beta_gal, the old log-probs were not the current
+# policy's and one more gradient pass adds the difference. Below it, as |dc/dS| <= beta_gal^2 w / 4 for pair weight
+# w, each coefficient is off by at most 2.5e-3 of its largest possible size beta_gal w: bf16 rounding's size. The
+# same log-probs give the same S bit for bit; fp32 noise in S (sums of thousands of log-probs) stays below 1e-2.
+SEQUENCE_LOGPROB_TOL = 1e-2
 
 
 def _check_routes(route, ids, num_groups):
@@ -82,8 +83,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     Sweeps: every term's logit gradient is g_t (onehot - softmax) / T, with GAL's g_t = c_i the per-sequence
     coefficient of gal_coefficients (DESIGN.md section 1). With ``old_logps`` the c_i come from them and the whole
     loss takes one sweep (CPU 6NDV; CUDA 8NDV, no logits buffer); if the sweep's log-probs show the old ones were not
-    the current policy's (coefficients off by more than COEFFICIENT_RTOL), one gradient pass over the vocabulary
-    adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are stale by design, cost
+    the current policy's (sequence log-probs off by more than SEQUENCE_LOGPROB_TOL / beta_gal), one gradient pass
+    over the vocabulary adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are stale by design, cost
     12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL rows gives the c_i
     first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes,
     rewards), the selection of kept tokens, and the coefficient check; none inside the sweep.
@@ -165,18 +166,18 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     def finish(result):
         nonlocal num_sweeps
         loss, correction = result.value.sum(), None
-        if with_gal:
-            seq_logps = torch.zeros(rl_rows.shape[0], dtype=torch.float32, device=device).index_add_(
-                0, rl_rank[sequence[token_rl]], result.logps[token_rl])
+        if with_gal:  # summed exactly as old_logps' were, so that the same log-probs give the same bits
+            token_logps = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put_(
+                (kept,), result.logps).view(targets.shape)
+            seq_logps = sequence_logprobs(token_logps[rl_rows], rl_mask, False)
             gal_value, outcome["gal_metrics"] = gal_loss(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps,
                                                          group_index=rl_group, beta=beta_gal, return_metrics=True)
             loss = loss + gal_scale * gal_value
             outcome["loss_gal"] = gal_value
         if with_gal_gradient:
-            exact = coefficients(seq_logps)
-            drift = (exact - used_coefficients).abs().max()
-            if not bool(drift <= COEFFICIENT_RTOL * exact.abs().max()):  # NaN drift corrects too
-                correction = gal_scale * per_token(exact - used_coefficients)
+            drift = (seq_logps - used_seq_logps).abs().max()
+            if not bool(drift * beta_gal <= SEQUENCE_LOGPROB_TOL):  # NaN drift corrects too
+                correction = gal_scale * per_token(coefficients(seq_logps) - used_coefficients)
                 num_sweeps += 1
         outcome["result"] = result
         return loss, correction

@@ -7,7 +7,7 @@ from tests.memory import D, N_LARGE, N_SMALL, V, assert_memory_flat_in_n_times_v
 
 def test_probe_sees_materialised_logits():
     """The measurement itself can fail a test: naive PyTorch's growth with N is a multiple of N*V."""
-    small, large = (measure(impl="naive", N=n, D=D, V=V) for n in (N_SMALL, N_LARGE))
+    small, large = (measure(impl="naive", N=n, D=D, V=V, pin_allocator=True) for n in (N_SMALL, N_LARGE))
     assert large["peak_extra_mb"] - small["peak_extra_mb"] > logits_mb(N_LARGE - N_SMALL, V)
 
 
