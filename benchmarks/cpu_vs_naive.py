@@ -6,7 +6,7 @@ case in a fresh process (time: median of the repeats; memory: peak RSS above the
 
 Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (one group), sft, dypo (half
 RL rows of one prompt, half SFT rows of another), on sequences of 512 tokens, old log-probs equal to the current
-policy's.
+policy's; kl: forward KL to the mixture of m = 1, 2, 3 teachers of the student's hidden size.
 """
 
 import argparse
@@ -16,21 +16,26 @@ import platform
 from benchmarks.cpu_case import measure
 from dypo_kernels.backend import cpu_extension
 
-LOSSES = ("logprobs", "grpo", "gal", "sft", "dypo")
+LOSSES = ("logprobs", "grpo", "gal", "sft", "dypo", "kl")
 
 
 def table(loss, shape, repeats):
-    impls = [dict(impl="naive"), dict(impl="fused", backend="torch")]
-    if cpu_extension() is not None:
-        impls.append(dict(impl="fused", backend="cpp"))
-    if loss == "grpo":
-        impls.append(dict(impl="liger"))
+    if loss == "kl":  # the teachers' count is the variable: naive against the fused op (one CPU pass) for m = 1..3
+        impls = [dict(impl=impl, teachers=m) for m in (1, 2, 3) for impl in ("naive", "fused")]
+    else:
+        impls = [dict(impl="naive"), dict(impl="fused", backend="torch")]
+        if cpu_extension() is not None:
+            impls.append(dict(impl="fused", backend="cpp"))
+        if loss == "grpo":
+            impls.append(dict(impl="liger"))
     results = [measure(**impl, **shape, loss=loss, repeats=repeats) for impl in impls]
-    naive = results[0]
     lines = [f"{loss}: fp32, N = {shape['N']:,}, D = {shape['D']:,}, V = {shape['V']:,}; forward + backward",
              "| implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |", "|---|---|---|---|---|"]
-    for row in results:
-        lines.append(f"| {row['impl']} | {row['seconds']:.2f} | {row['seconds'] / naive['seconds']:.2f}x | "
+    for impl, row in zip(impls, results):
+        if row["impl"] == "naive":
+            naive = row
+        name = (f"{impl['impl']}, m = {impl['teachers']}" if loss == "kl" else row["impl"])
+        lines.append(f"| {name} | {row['seconds']:.2f} | {row['seconds'] / naive['seconds']:.2f}x | "
                      f"{row['peak_extra_mb']:.0f} | {row['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x |")
     return "\n".join(lines)
 
