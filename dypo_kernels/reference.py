@@ -237,6 +237,6 @@ def multi_teacher_kl(student_hidden, student_weight, teacher_hiddens: Sequence[t
         per_token = sum(c * _divergence(lp, student_logp, divergence, jsd_beta) for lp, c in zip(teacher_logps, coefs))
     else:
         raise ValueError(f"unknown aggregate {aggregate!r}")
-    mask = torch.ones_like(per_token) if mask is None else mask.to(dtype)
-    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    mask = torch.ones_like(per_token) if mask is None else mask.bool().to(dtype)
+    loss = torch.where(mask.bool(), per_token, 0.0).sum() / mask.sum().clamp(min=1)
     return loss * temperature**2 if scale_by_temperature_sq else loss

@@ -24,10 +24,19 @@ def available_backends():
     return backends
 
 
+# CPU chunks of a few rows, so that tiny shapes cross several chunks (the production chunks hold 64 MiB of logits)
+TEST_CHUNK_BYTES = 16 * 1024
+
+
 @pytest.fixture(params=available_backends())
 def backend(request, monkeypatch):
     """Forces a backend for the test; yields the device its tensors must live on."""
+    from dypo_kernels import multi_teacher_kl
+    from dypo_kernels.linear_logprobs import cpu
+
     monkeypatch.setenv("DYPO_KERNELS_BACKEND", request.param)
+    monkeypatch.setattr(cpu, "LOGITS_CHUNK_BYTES", TEST_CHUNK_BYTES)
+    monkeypatch.setitem(multi_teacher_kl.CHUNK_BYTES, "cpu", TEST_CHUNK_BYTES)
     if request.param == "triton" and not HAS_CUDA:
         from dypo_kernels.linear_logprobs import triton_kernels
 

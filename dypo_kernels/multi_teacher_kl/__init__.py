@@ -26,9 +26,25 @@ def _matmul_operand(tensor):
     return tensor if tensor.device.type == "cuda" else tensor.float()
 
 
-def _chunk_logits(hidden, weight, bias, inv_temperature):
-    """fp32 [rows, V] logits / T, for ``weight`` already a matmul operand."""
-    logits = (_matmul_operand(hidden) @ weight.T).float()
+def _fp32_product(a, b):
+    """a @ b with an fp32 result. For 16-bit CUDA operands, torch.mm's out_dtype (torch >= 2.8) keeps the fp32
+    accumulator instead of rounding the product to 16 bits; older torch rounds, then widens."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return (a @ b).float()
+
+
+def _chunk_logits(hidden, weight, bias, inv_temperature, out=None):
+    """fp32 [rows, V] logits / T (into ``out`` if given), for ``weight`` already a matmul operand."""
+    hidden = _matmul_operand(hidden)
+    if out is not None and hidden.dtype == torch.float32:
+        logits = torch.matmul(hidden, weight.T, out=out)
+    else:
+        logits = _fp32_product(hidden, weight.T)
+        logits = logits if out is None else out.copy_(logits)
     if bias is not None:
         logits += bias.float()
     return logits.mul_(inv_temperature)
@@ -66,7 +82,7 @@ def _sweep(student_hidden, student_weight, student_bias, teachers, coefs, settin
         student_logits = _chunk_logits(hidden_chunk, student_operand, student_bias, inv_temperature)
         teacher_logits = torch.empty((len(teachers), *student_logits.shape), dtype=torch.float32, device=device)
         for i, (hidden, weight, bias) in enumerate(teachers):
-            teacher_logits[i] = _chunk_logits(hidden[rows], weight, bias, inv_temperature)
+            _chunk_logits(hidden[rows], weight, bias, inv_temperature, out=teacher_logits[i])
         values[rows], grad_logits = divergence_pass(student_logits, teacher_logits, coefs, divergence, jsd_beta,
                                                     aggregate)
         del student_logits, teacher_logits
@@ -74,7 +90,10 @@ def _sweep(student_hidden, student_weight, student_bias, teachers, coefs, settin
         if needs_hidden:
             grad_hidden[rows] = grad_logits @ student_operand
         if needs_weight:
-            grad_weight += (grad_logits.T @ _matmul_operand(hidden_chunk)).float()
+            if grad_logits.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, _matmul_operand(hidden_chunk))
+            else:
+                grad_weight += _fp32_product(grad_logits.T, hidden_chunk)
         if needs_bias:
             grad_bias += grad_logits.float().sum(0)
         del grad_logits  # one chunk's buffers alive at a time
@@ -161,16 +180,20 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
         teacher_coefs: m non-negative weights summing to 1 (within 1e-6); default uniform.
         divergence: "forward_kl", "reverse_kl" or "jsd"; jsd_beta in [0, 1]; aggregate: "mixture" or "mean".
         temperature: positive (0.1 to 10 are tested).
-        return_metrics: also return detached ``{"per_token_max", "num_tokens"}``.
+        return_metrics: also return detached ``{"per_token_max", "num_tokens"}`` (the largest per-token divergence,
+            without the T^2 scaling, and the number of tokens).
 
     Returns:
         the fp32 scalar loss (and the metrics), 0 with zero gradients when no token counts.
 
     Sweeps: one over the vocabulary for every divergence and aggregate: the logits of one chunk of rows (fixed,
     independent of N) of the student and of all teachers are formed, reduced, turned into the student's logit
-    gradient and freed; the gradient is computed inside the forward. FLOP 2N(D_s + sum_i D_i)V + 4N D_s V.
-    Extra memory O(N*D_s + V*D_s + chunk*V*(m+1)): CPU chunks total 64 MiB of fp32 logits, CUDA 512 MiB. Masked
-    tokens are dropped before any projection. CPU: the per-chunk pass in torch; CUDA: one Triton kernel per chunk
+    gradient and freed; the gradient is computed inside the forward. FLOP 2N(D_s + sum_i D_i)V + 4N D_s V (teachers
+    with weight 0 are dropped first). Extra memory O(N*(D_s + sum_i D_i) + V*(D_s + sum_i D_i) + chunk*V*(m+1)):
+    the kept rows of every input, fp32 copies of 16-bit weights on CPU, and chunks of logits totalling 64 MiB (CPU)
+    or 512 MiB (CUDA) plus a few chunk-sized temporaries of the pass. Masked tokens are dropped before any
+    projection. The reverse KL (and the mean of reverse KLs) is +inf where a teacher it compares with gives
+    probability 0 to a token the student does not; the other divergences stay finite there. CPU: the per-chunk pass in torch; CUDA: one Triton kernel per chunk
     fuses the m + 1 log-sum-exps, the divergence and the student's logit gradient. Host syncs: the input checks and
     the number of kept tokens.
     """
@@ -192,6 +215,8 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
                       **{f"teacher_weights[{i}]": w for i, w in enumerate(teacher_weights)},
                       **{f"teacher_biases[{i}]": b for i, b in enumerate(biases)})
     backend = select_backend(student_hidden.device)
+    used = [i for i, c in enumerate(coefs) if c > 0]
+    coefs = [coefs[i] for i in used]
 
     flat_student = student_hidden.reshape(-1, student_hidden.shape[-1])
     if mask is None:
@@ -201,7 +226,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
         kept = mask.reshape(-1).bool().nonzero().squeeze(1)
         kept_student = flat_student.index_select(0, kept)
     teachers = []
-    for hidden, weight, bias in zip(teacher_hiddens, teacher_weights, biases):
+    for hidden, weight, bias in ((teacher_hiddens[i], teacher_weights[i], biases[i]) for i in used):
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         teachers.append((flat if kept is None else flat.index_select(0, kept), weight.detach(),
                          None if bias is None else bias.detach()))

@@ -9,7 +9,8 @@ Returns each row's divergence summed over the vocabulary and its gradient with r
 | forward_kl, mixture      | sum P (log P - log q)                        | q - P                           |
 | forward_kl, mean         | sum_i w_i sum p_i (log p_i - log q)          | q - P                           |
 | reverse_kl, *            | K = sum q (log q - A)                        | q (log q - A - K)               |
-| jsd(beta), *             | beta sum_i w_i KL(p_i || M_i) + (1 - beta) K | (1 - beta) q (log q - A - K)    |
+| jsd(beta), mixture       | beta KL(P || M) + (1 - beta) K               | (1 - beta) q (log q - A - K)    |
+| jsd(beta), mean          | beta sum_i w_i KL(p_i || M_i) + (1 - beta) K | (1 - beta) q (log q - A - K)    |
 
 A = log P (reverse, mixture), sum_i w_i log p_i (reverse, mean), log M with M = beta P + (1 - beta) q (jsd, mixture;
 one M_i = beta p_i + (1 - beta) q per teacher for mean, A = sum_i w_i log M_i). jsd with beta = 0 or 1 is the

@@ -3,8 +3,10 @@
 One program per row of the chunk. It reads the row's student logits and the m teachers' (fp32, divided by the
 temperature) in blocks of BLOCK_V: (1) the m + 1 log-sum-exps, (2) the divergence and, for reverse KL and JSD, the
 row's K = sum q (log q - A) that the gradient needs, (3) the student's logit gradient, written over the student's
-logits. Memory-bound: about 2 + 2m reads and one write of the row; no atomics, deterministic.
+logits. Memory-bound: 3 + 3m reads and one write of the row; no atomics, deterministic.
 """
+
+import math
 
 import torch
 import triton
@@ -50,14 +52,14 @@ def _p_log_ratio(log_p, log_other):
 
 
 @triton.jit
-def _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log_q, num_teachers, beta,
-                 DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr, BLOCK_V: tl.constexpr):
+def _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log_q, num_teachers, beta, log_beta,
+                 log_one_minus_beta, DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr, BLOCK_V: tl.constexpr):
     """For one block of the row: (log P, A, the block's value terms other than (1 - beta) K).
     A is the log-target of the reverse KL / JSD (unused for the forward KL)."""
     log_mix = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     mean_target = tl.zeros([BLOCK_V], dtype=tl.float32)
     mean_value = tl.zeros([BLOCK_V], dtype=tl.float32)
-    log_student_part = log_q + tl.log(1.0 - beta)
+    log_student_part = log_q + log_one_minus_beta
     for i in range(num_teachers):
         coef = tl.load(p_coefs + i)
         if coef > 0.0:
@@ -72,7 +74,7 @@ def _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log
                 elif DIVERGENCE == 1:
                     mean_target += coef * log_p
                 else:
-                    log_m = _log_add_exp(log_p + tl.log(beta), log_student_part)
+                    log_m = _log_add_exp(log_p + log_beta, log_student_part)
                     mean_value += coef * beta * _p_log_ratio(log_p, log_m)
                     mean_target += coef * log_m
     if MIXTURE:
@@ -81,14 +83,14 @@ def _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log
         elif DIVERGENCE == 1:
             return log_mix, log_mix, tl.zeros([BLOCK_V], dtype=tl.float32)
         else:
-            log_m = _log_add_exp(log_mix + tl.log(beta), log_student_part)
+            log_m = _log_add_exp(log_mix + log_beta, log_student_part)
             return log_mix, log_m, beta * _p_log_ratio(log_mix, log_m)
     return log_mix, mean_target, mean_value
 
 
 @triton.jit
-def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, rows, V, num_teachers, beta,
-                       DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr, BLOCK_V: tl.constexpr):
+def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, rows, V, num_teachers, beta, log_beta,
+                       log_one_minus_beta, DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     p_student_row = p_student + row.to(tl.int64) * V
     max_student, log_sum_student = _row_lse(p_student_row, V, BLOCK_V)
@@ -96,6 +98,7 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, r
         row_max, log_sum = _row_lse(p_teachers + (i * rows + row).to(tl.int64) * V, V, BLOCK_V)
         tl.store(p_teacher_lse + (2 * i) * rows + row, row_max)
         tl.store(p_teacher_lse + (2 * i + 1) * rows + row, log_sum)
+    tl.debug_barrier()  # one thread stored each scalar above; every thread reads them below
     value = tl.zeros([BLOCK_V], dtype=tl.float32)
     kl = tl.zeros([BLOCK_V], dtype=tl.float32)  # K = sum q (log q - A), for the reverse KL and JSD
     for v_start in range(0, V, BLOCK_V):
@@ -103,7 +106,8 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, r
         m_v = o_v < V
         log_q = (tl.load(p_student_row + o_v, mask=m_v, other=float("-inf")) - max_student) - log_sum_student
         log_mix, target, block_value = _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v,
-                                                    log_q, num_teachers, beta, DIVERGENCE, MIXTURE, BLOCK_V)
+                                                    log_q, num_teachers, beta, log_beta, log_one_minus_beta, DIVERGENCE,
+                                                    MIXTURE, BLOCK_V)
         value += tl.where(m_v, block_value, 0.0)
         if DIVERGENCE != 0:
             kl += tl.where(m_v, _p_log_ratio(log_q, target), 0.0)
@@ -121,7 +125,8 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, r
         m_v = o_v < V
         log_q = (tl.load(p_student_row + o_v, mask=m_v, other=float("-inf")) - max_student) - log_sum_student
         log_mix, target, _ = _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log_q,
-                                          num_teachers, beta, DIVERGENCE, MIXTURE, BLOCK_V)
+                                          num_teachers, beta, log_beta, log_one_minus_beta, DIVERGENCE, MIXTURE,
+                                          BLOCK_V)
         q = tl.exp(log_q)
         if DIVERGENCE == 0:
             gradient = q - tl.exp(log_mix)
@@ -140,7 +145,7 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
     value = torch.empty(rows, dtype=torch.float32, device=student.device)
     beta = jsd_beta if divergence == "jsd" else 0.5  # unused outside jsd; 0.5 keeps its logs finite
     _divergence_kernel[(rows,)](student, teachers, coef_tensor, teacher_lse, value, rows, vocab, len(teachers),
-                                beta, DIVERGENCE=DIVERGENCE_CODES[divergence], MIXTURE=aggregate == "mixture",
+                                beta, math.log(beta), math.log1p(-beta), DIVERGENCE=DIVERGENCE_CODES[divergence], MIXTURE=aggregate == "mixture",
                                 BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return value, student
 
@@ -148,7 +153,8 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
 def aot_specs():
     """Every (divergence, aggregate) variant, for the ahead-of-time compilation checks (dypo_kernels/aot.py)."""
     signature = {"p_student": "*fp32", "p_teachers": "*fp32", "p_coefs": "*fp32", "p_teacher_lse": "*fp32",
-                 "p_value": "*fp32", "rows": "i32", "V": "i32", "num_teachers": "i32", "beta": "fp32"}
+                 "p_value": "*fp32", "rows": "i32", "V": "i32", "num_teachers": "i32", "beta": "fp32",
+                 "log_beta": "fp32", "log_one_minus_beta": "fp32"}
     return [(f"multi_teacher_kl[{divergence},{'mixture' if mixture else 'mean'}]", _divergence_kernel, signature,
              dict(DIVERGENCE=code, MIXTURE=mixture, BLOCK_V=BLOCK_V), dict(num_warps=NUM_WARPS, num_stages=1))
             for divergence, code in DIVERGENCE_CODES.items() for mixture in (True, False)]

@@ -1,0 +1,230 @@
+"""The benchmark cases: for one loss and one implementation, the inputs on a device and the forward closure whose
+result's backward is timed. Shared by the pytest-benchmark suite, the CPU subprocess probe (cpu_case.py) and the GPU
+report (report.py), so that all three measure the same work.
+
+Losses (N = B * T tokens, sequences of T tokens; the weights are the lm_head [V, D]):
+    logprobs  a per-token log-prob loss (sum of random multiples of each token's log-prob)
+    sft       mean negative log-likelihood of all tokens
+    grpo      DAPO aggregation, eps 0.2, beta 0.04 with reference log-probs, old log-probs = the current policy's
+    gal       groups of two (rollout b succeeds, rollout b + B/2 fails: Liger-Kernel's DPO layout), no reference
+    dypo      half the rows RL rollouts of one prompt, half SFT trajectories of another; old = current log-probs
+    kl        forward KL to the mixture of m teachers of hidden size D (student and teachers share the shape)
+    advantages  group_advantages of B = N rewards in groups of 8
+
+Implementations: "fused" (dypo_kernels; the backend is chosen by DYPO_KERNELS_BACKEND or the device), "naive"
+(reference.py in the inputs' dtype: materialised logits), "liger" / "liger-compiled" (Liger-Kernel's chunked loss
+for grpo, gal (DPO), kl with m = 1 (JSD, beta 0), and its fused linear cross-entropy for sft and logprobs on CUDA),
+"cce" (Cut Cross-Entropy for sft and logprobs).
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+LOSSES = ("logprobs", "sft", "grpo", "gal", "dypo", "kl", "advantages")
+IMPLEMENTATIONS = ("fused", "naive", "liger", "liger-compiled", "cce")
+
+
+class Unavailable(Exception):
+    """This implementation does not offer this loss here (missing package, needs CUDA, ...): the reason says why."""
+
+
+@dataclass
+class Case:
+    forward: Callable[[], torch.Tensor]
+    params: List[torch.Tensor]
+    matmul_flop: float  # FLOP of the matrix products this implementation does for one forward + backward
+    notes: str = ""
+    inputs: dict = field(default_factory=dict)
+
+    def step(self):
+        """One forward + backward; gradients cleared after."""
+        loss = self.forward()
+        if self.params:
+            loss.backward()
+            for param in self.params:
+                param.grad = None
+        return loss
+
+
+def _liger():
+    try:
+        import liger_kernel.chunked_loss as chunked
+    except Exception as exc:  # not installed, or fails to import on this stack
+        raise Unavailable(f"liger-kernel unavailable ({type(exc).__name__}: {exc})")
+    return chunked
+
+
+def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device="cpu", seed=0) -> Case:
+    """The case ``loss`` x ``impl``; raises Unavailable when the implementation does not run here."""
+    import dypo_kernels
+    from dypo_kernels import reference
+
+    if loss not in LOSSES or impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown case {loss!r} x {impl!r}")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(*shape, scale=1.0, grad=False):
+        tensor = (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+        return tensor.requires_grad_() if grad else tensor
+
+    T = min(T, N)
+    batch = N // T
+    naive = dict(dtype=dtype)
+    if loss == "advantages":
+        rewards = (torch.rand(N, generator=generator) > 0.5).float().to(device)
+        if impl == "fused":
+            return Case(lambda: dypo_kernels.group_advantages(rewards, group_size=8).advantages, [], 0.0)
+        if impl == "naive":
+            return Case(lambda: reference.group_advantages(rewards, group_size=8, dtype=torch.float32).advantages,
+                        [], 0.0)
+        raise Unavailable(f"{impl} has no group-advantages op")
+    hidden = make(batch, T, D, grad=True)
+    weight = make(V, D, scale=D**-0.5, grad=True)
+    targets = torch.randint(0, V, (batch, T), generator=generator).to(device)
+    params = [hidden, weight]
+    inputs = dict(hidden=hidden, weight=weight, targets=targets)
+    projection = 2.0 * N * D * V
+    fused_flop = {"cpu": 3, "cuda": 4}[device.type] * projection  # one sweep (CPU) / forward + gradient kernels
+
+    if loss == "kl":
+        teacher_hiddens = [make(batch, T, D) for _ in range(teachers)]
+        teacher_weights = [make(V, D, scale=D**-0.5) for _ in range(teachers)]
+        teacher_flop = teachers * projection
+        if impl == "fused":
+            return Case(lambda: dypo_kernels.fused_multi_teacher_kl(hidden, weight, teacher_hiddens, teacher_weights),
+                        params, teacher_flop + 3 * projection, inputs=inputs)
+        if impl == "naive":
+            return Case(lambda: reference.multi_teacher_kl(hidden, weight, teacher_hiddens, teacher_weights, **naive),
+                        params, teacher_flop + 3 * projection, inputs=inputs)
+        if impl.startswith("liger") and teachers == 1:
+            jsd = _liger().LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
+                                                   compiled=impl == "liger-compiled")
+            labels = targets.reshape(-1)
+            return Case(lambda: jsd(hidden.reshape(N, D), weight, teacher_hiddens[0].reshape(N, D),
+                                    teacher_weights[0], labels), params, teacher_flop + 3 * projection,
+                        inputs=inputs)
+        raise Unavailable(f"{impl} has no multi-teacher KL" + (" for m > 1" if impl.startswith("liger") else ""))
+
+    if loss in ("logprobs", "sft"):
+        grad_logps = torch.randn(batch, T, generator=generator).to(device)
+        if impl == "fused":
+            if loss == "sft":
+                return Case(lambda: dypo_kernels.fused_sft_loss(hidden, weight, targets), params, fused_flop)
+            return Case(lambda: (dypo_kernels.fused_linear_logprobs(hidden, weight, targets) * grad_logps).sum(),
+                        params, 4 * projection)
+        if impl == "naive":
+            if loss == "sft":
+                return Case(lambda: torch.nn.functional.cross_entropy(
+                    (hidden @ weight.T).float().reshape(N, V), targets.reshape(-1)), params, 3 * projection)
+            return Case(lambda: (reference.token_logprobs(hidden, weight, targets, **naive)[0] * grad_logps).sum(),
+                        params, 3 * projection)
+        if impl.startswith("liger"):
+            if device.type != "cuda":
+                raise Unavailable("Liger-Kernel's fused linear cross-entropy is a Triton kernel: it needs CUDA")
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            reduction = "mean" if loss == "sft" else "none"
+            cross_entropy = LigerFusedLinearCrossEntropyLoss(reduction=reduction)
+            if loss == "sft":
+                return Case(lambda: cross_entropy(weight, hidden.reshape(N, D), targets.reshape(-1)), params,
+                            3 * projection)
+            return Case(lambda: -(cross_entropy(weight, hidden.reshape(N, D), targets.reshape(-1))
+                                  * grad_logps.reshape(-1)).sum(), params, 3 * projection)
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            raise Unavailable(f"cut-cross-entropy unavailable ({type(exc).__name__}: {exc})")
+        cce_impl = "cce" if device.type == "cuda" else "torch_compile"
+        reduction = "mean" if loss == "sft" else "none"
+        if loss == "sft":
+            return Case(lambda: linear_cross_entropy(hidden, weight, targets, impl=cce_impl, reduction=reduction),
+                        params, 4 * projection, notes=cce_impl)
+        return Case(lambda: -(linear_cross_entropy(hidden, weight, targets, impl=cce_impl, reduction=reduction)
+                              * grad_logps).sum(), params, 4 * projection, notes=cce_impl)
+
+    mask = torch.ones(batch, T, dtype=torch.bool, device=device)
+    with torch.no_grad():  # the first update after the rollouts: old log-probs are the current policy's
+        old_logps = dypo_kernels.fused_linear_logprobs(hidden, weight, targets)
+    ref_logps = old_logps + 0.01 * torch.randn(batch, T, generator=generator).to(device)
+
+    if loss == "grpo":
+        rewards = (torch.arange(batch, device=device) % 2).float()
+        advantages = dypo_kernels.group_advantages(rewards, group_size=batch).advantages
+        settings = dict(old_logps=old_logps, ref_logps=ref_logps, beta=0.04, loss_type="dapo")
+        if impl == "fused":
+            return Case(lambda: dypo_kernels.fused_grpo_loss(hidden, weight, targets, advantages, **settings),
+                        params, fused_flop)
+        if impl == "naive":
+            return Case(lambda: reference.grpo_loss(hidden, weight, targets, advantages, **settings, **naive),
+                        params, 3 * projection)
+        if impl.startswith("liger"):
+            grpo = _liger().LigerFusedLinearGRPOLoss(beta=0.04, compiled=impl == "liger-compiled", loss_type="dapo")
+            return Case(lambda: grpo(hidden, weight, targets, mask.long(), advantages, ref_per_token_logps=ref_logps,
+                                     old_per_token_logps=old_logps)[0], params, 4 * projection)
+        raise Unavailable("Cut Cross-Entropy has no GRPO loss")
+
+    if loss == "gal":
+        if batch % 2:
+            raise Unavailable("the GAL case needs an even number of sequences")
+        half = batch // 2
+        rewards = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
+        pairs = torch.arange(batch, device=device) % half
+        if impl == "fused":
+            return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs),
+                        params, 4 * projection)
+        if impl == "naive":
+            def naive_gal():
+                token_logps, _ = reference.token_logprobs(hidden, weight, targets, **naive)
+                return reference.gal_loss(token_logps.sum(-1), rewards, group_index=pairs, **naive)
+
+            return Case(naive_gal, params, 3 * projection)
+        if impl.startswith("liger"):
+            dpo = _liger().LigerFusedLinearDPOLoss(beta=1.0, compiled=impl == "liger-compiled", use_ref_model=False)
+            return Case(lambda: dpo(weight, hidden, targets)[0], params, 4 * projection)
+        raise Unavailable("Cut Cross-Entropy has no preference loss")
+
+    # dypo
+    route = torch.tensor([1] * (batch - batch // 2) + [2] * (batch // 2), device=device)
+    rewards = (torch.arange(batch, device=device) % 2).float()
+    settings = dict(mask=mask, route=route, rewards=rewards, group_index=(route == 2).long(), old_logps=old_logps,
+                    ref_logps=ref_logps)
+    if impl == "fused":
+        return Case(lambda: dypo_kernels.dypo_loss(hidden, weight, targets, **settings), params, fused_flop)
+    if impl == "naive":
+        return Case(lambda: naive_dypo(hidden, weight, targets, **settings, dtype=dtype), params, 3 * projection)
+    raise Unavailable(f"{impl} has no DYPO loss")
+
+
+def naive_dypo(hidden, weight, targets, *, mask, route, rewards, group_index, old_logps, ref_logps, alpha=0.5,
+               gamma=1.0, beta_gal=1.0, dtype=torch.float32):
+    """dypo_loss's defaults written plainly: the logits of every row materialised once, in ``dtype``."""
+    from dypo_kernels import reference
+
+    token_logps, _ = reference.token_logprobs(hidden, weight, targets, dtype=dtype)
+    rl, sft = route == 1, route == 2
+    mask = mask.to(token_logps.dtype)
+    sft_part = reference._aggregate(-token_logps[sft], mask[sft], "grpo")
+    rl_ids = torch.unique(group_index[rl], return_inverse=True)[1]
+    advantages = reference.group_advantages(rewards[rl], group_index=rl_ids, dtype=dtype).advantages
+    ratio = torch.exp(token_logps[rl] - old_logps[rl].to(dtype))
+    grpo_part = reference._aggregate(-torch.minimum(ratio * advantages[:, None],
+                                                    ratio.clamp(0.8, 1.2) * advantages[:, None]), mask[rl], "grpo")
+    seq_logps = (token_logps[rl] * mask[rl]).sum(-1)
+    ref_seq = (ref_logps[rl].to(dtype) * mask[rl]).sum(-1)
+    gal_part = reference.gal_loss(seq_logps, rewards[rl], ref_seq_logps=ref_seq, group_index=rl_ids, beta=beta_gal,
+                                  dtype=dtype)
+    prompts_rl, prompts_sft = group_index[rl].unique().numel(), group_index[sft].unique().numel()
+    return (prompts_sft * gamma * sft_part + prompts_rl * (alpha * grpo_part + (1 - alpha) * gal_part)) / (
+        prompts_rl + prompts_sft)
+
+
+def available(loss, impl, **shape) -> Optional[str]:
+    """None if the case builds here, else the reason it does not."""
+    try:
+        build(loss, impl, **shape)
+    except Unavailable as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,72 @@
+"""Helpers of the pytest-benchmark suite (benchmarks/test_*.py): the shapes, the competitors, and the timed and
+memory-probed run of one case."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+SHAPES = {
+    "tiny": dict(N=256, D=64, V=512, T=64, dtype=torch.float32),
+    "small": dict(N=2048, D=512, V=16384, T=512, dtype=torch.float32),
+    "real": dict(N=8192, D=4096, V=151936, T=2048, dtype=torch.bfloat16),
+}
+
+
+def competitors(device_has_cuda=HAS_CUDA):
+    """(implementation, backend) pairs: dypo_kernels on each backend this machine has, then the others."""
+    from dypo_kernels.backend import cpu_extension
+
+    if device_has_cuda:
+        fused = [("fused", "triton")]
+    else:
+        fused = [("fused", "cpp")] if cpu_extension() is not None else []
+        fused.append(("fused", "torch"))
+    return fused + [("naive", None), ("liger", None), ("liger-compiled", None), ("cce", None)]
+
+
+def competitor_id(pair):
+    impl, backend = pair
+    return f"dypo-{backend}" if impl == "fused" else impl
+
+
+def run_benchmark(benchmark, shape, measure_memory, loss, pair, teachers=1):
+    """Times ``loss`` x ``pair`` with pytest-benchmark and records its peak memory."""
+    from benchmarks import cases
+    from benchmarks.cpu_case import measure
+
+    impl, backend = pair
+    if backend is not None:
+        os.environ["DYPO_KERNELS_BACKEND"] = backend
+    else:
+        os.environ.pop("DYPO_KERNELS_BACKEND", None)
+    dims = {k: shape[k] for k in ("N", "D", "V", "T")}
+    benchmark.group = (f"{loss}{f' m={teachers}' if loss == 'kl' else ''}: N={dims['N']} D={dims['D']} "
+                       f"V={dims['V']} {str(shape['dtype']).replace('torch.', '')} {shape['device']}")
+    try:
+        case = cases.build(loss, impl, **dims, teachers=teachers, dtype=shape["dtype"], device=shape["device"])
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+            case.step()
+            torch.cuda.synchronize()
+            peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        elif measure_memory and shape["dtype"] == torch.float32:
+            peak_mb = measure(impl=impl, loss=loss, teachers=teachers, backend=backend or "cpp",
+                              **dims)["peak_extra_mb"]
+        else:
+            peak_mb = None
+    except cases.Unavailable as exc:
+        pytest.skip(str(exc))
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{impl}: out of memory at this shape")
+    benchmark.extra_info.update(peak_extra_mb=peak_mb, matmul_tflop=case.matmul_flop / 1e12, notes=case.notes)
+
+    def step():
+        case.step()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=3 if shape["N"] >= 2048 else 5, warmup_rounds=1)

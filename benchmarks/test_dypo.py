@@ -1,0 +1,10 @@
+"""Forward + backward of the dypo case (benchmarks/cases.py) for every competitor, side by side."""
+
+import pytest
+
+from benchmarks.suite import competitor_id, competitors, run_benchmark
+
+
+@pytest.mark.parametrize("pair", competitors(), ids=competitor_id)
+def test_dypo(benchmark, shape, measure_memory, pair):
+    run_benchmark(benchmark, shape, measure_memory, "dypo", pair)
