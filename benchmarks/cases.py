@@ -36,7 +36,8 @@ class Case:
     params: List[torch.Tensor]
     matmul_flop: float  # FLOP of the matrix products this implementation does for one forward + backward
     notes: str = ""
-    inputs: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # hidden, weight, targets (and teachers for kl)
+    loss_of_logps: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the loss from token log-probs [B, T]
 
     def step(self):
         """One forward + backward; gradients cleared after."""
@@ -93,6 +94,7 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
         teacher_hiddens = [make(batch, T, D) for _ in range(teachers)]
         teacher_weights = [make(V, D, scale=D**-0.5) for _ in range(teachers)]
         teacher_flop = teachers * projection
+        inputs.update(teacher_hiddens=teacher_hiddens, teacher_weights=teacher_weights)
         if impl == "fused":
             return Case(lambda: dypo_kernels.fused_multi_teacher_kl(hidden, weight, teacher_hiddens, teacher_weights),
                         params, teacher_flop + 3 * projection, inputs=inputs)
@@ -110,16 +112,23 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
 
     if loss in ("logprobs", "sft"):
         grad_logps = torch.randn(batch, T, generator=generator).to(device)
+        if loss == "sft":
+            def of_logps(token_logps):
+                return -token_logps.mean()
+        else:
+            def of_logps(token_logps):
+                return (token_logps * grad_logps.to(token_logps.dtype)).sum()
         if impl == "fused":
             if loss == "sft":
-                return Case(lambda: dypo_kernels.fused_sft_loss(hidden, weight, targets), params, fused_flop)
+                return Case(lambda: dypo_kernels.fused_sft_loss(hidden, weight, targets), params, fused_flop,
+                            inputs=inputs, loss_of_logps=of_logps)
             return Case(lambda: (dypo_kernels.fused_linear_logprobs(hidden, weight, targets) * grad_logps).sum(),
-                        params, 4 * projection)
+                        params, 4 * projection, inputs=inputs, loss_of_logps=of_logps)
         if impl == "naive":
             if loss == "sft":
                 return Case(lambda: torch.nn.functional.cross_entropy(
                     (hidden @ weight.T).float().reshape(N, V), targets.reshape(-1)), params, 3 * projection)
-            return Case(lambda: (reference.token_logprobs(hidden, weight, targets, **naive)[0] * grad_logps).sum(),
+            return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]),
                         params, 3 * projection)
         if impl.startswith("liger"):
             if device.type != "cuda":
@@ -154,12 +163,16 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
         rewards = (torch.arange(batch, device=device) % 2).float()
         advantages = dypo_kernels.group_advantages(rewards, group_size=batch).advantages
         settings = dict(old_logps=old_logps, ref_logps=ref_logps, beta=0.04, loss_type="dapo")
+
+        def of_logps(token_logps):
+            return reference.grpo_loss_from_logps(token_logps, advantages, **settings)
+
         if impl == "fused":
             return Case(lambda: dypo_kernels.fused_grpo_loss(hidden, weight, targets, advantages, **settings),
-                        params, fused_flop)
+                        params, fused_flop, inputs=inputs, loss_of_logps=of_logps)
         if impl == "naive":
-            return Case(lambda: reference.grpo_loss(hidden, weight, targets, advantages, **settings, **naive),
-                        params, 3 * projection)
+            return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]), params,
+                        3 * projection)
         if impl.startswith("liger"):
             grpo = _liger().LigerFusedLinearGRPOLoss(beta=0.04, compiled=impl == "liger-compiled", loss_type="dapo")
             return Case(lambda: grpo(hidden, weight, targets, mask.long(), advantages, ref_per_token_logps=ref_logps,
@@ -172,15 +185,16 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
         half = batch // 2
         rewards = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
         pairs = torch.arange(batch, device=device) % half
+
+        def of_logps(token_logps):
+            return reference.gal_loss(token_logps.sum(-1), rewards, group_index=pairs, dtype=token_logps.dtype)
+
         if impl == "fused":
             return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs),
-                        params, 4 * projection)
+                        params, 4 * projection, inputs=inputs, loss_of_logps=of_logps)
         if impl == "naive":
-            def naive_gal():
-                token_logps, _ = reference.token_logprobs(hidden, weight, targets, **naive)
-                return reference.gal_loss(token_logps.sum(-1), rewards, group_index=pairs, **naive)
-
-            return Case(naive_gal, params, 3 * projection)
+            return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]), params,
+                        3 * projection)
         if impl.startswith("liger"):
             dpo = _liger().LigerFusedLinearDPOLoss(beta=1.0, compiled=impl == "liger-compiled", use_ref_model=False)
             return Case(lambda: dpo(weight, hidden, targets)[0], params, 4 * projection)
@@ -191,40 +205,14 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
     rewards = (torch.arange(batch, device=device) % 2).float()
     settings = dict(mask=mask, route=route, rewards=rewards, group_index=(route == 2).long(), old_logps=old_logps,
                     ref_logps=ref_logps)
+
+    def of_logps(token_logps):
+        return reference.dypo_loss_from_logps(token_logps, **settings)
+
     if impl == "fused":
-        return Case(lambda: dypo_kernels.dypo_loss(hidden, weight, targets, **settings), params, fused_flop)
+        return Case(lambda: dypo_kernels.dypo_loss(hidden, weight, targets, **settings), params, fused_flop,
+                    inputs=inputs, loss_of_logps=of_logps)
     if impl == "naive":
-        return Case(lambda: naive_dypo(hidden, weight, targets, **settings, dtype=dtype), params, 3 * projection)
+        return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]), params,
+                    3 * projection)
     raise Unavailable(f"{impl} has no DYPO loss")
-
-
-def naive_dypo(hidden, weight, targets, *, mask, route, rewards, group_index, old_logps, ref_logps, alpha=0.5,
-               gamma=1.0, beta_gal=1.0, dtype=torch.float32):
-    """dypo_loss's defaults written plainly: the logits of every row materialised once, in ``dtype``."""
-    from dypo_kernels import reference
-
-    token_logps, _ = reference.token_logprobs(hidden, weight, targets, dtype=dtype)
-    rl, sft = route == 1, route == 2
-    mask = mask.to(token_logps.dtype)
-    sft_part = reference._aggregate(-token_logps[sft], mask[sft], "grpo")
-    rl_ids = torch.unique(group_index[rl], return_inverse=True)[1]
-    advantages = reference.group_advantages(rewards[rl], group_index=rl_ids, dtype=dtype).advantages
-    ratio = torch.exp(token_logps[rl] - old_logps[rl].to(dtype))
-    grpo_part = reference._aggregate(-torch.minimum(ratio * advantages[:, None],
-                                                    ratio.clamp(0.8, 1.2) * advantages[:, None]), mask[rl], "grpo")
-    seq_logps = (token_logps[rl] * mask[rl]).sum(-1)
-    ref_seq = (ref_logps[rl].to(dtype) * mask[rl]).sum(-1)
-    gal_part = reference.gal_loss(seq_logps, rewards[rl], ref_seq_logps=ref_seq, group_index=rl_ids, beta=beta_gal,
-                                  dtype=dtype)
-    prompts_rl, prompts_sft = group_index[rl].unique().numel(), group_index[sft].unique().numel()
-    return (prompts_sft * gamma * sft_part + prompts_rl * (alpha * grpo_part + (1 - alpha) * gal_part)) / (
-        prompts_rl + prompts_sft)
-
-
-def available(loss, impl, **shape) -> Optional[str]:
-    """None if the case builds here, else the reason it does not."""
-    try:
-        build(loss, impl, **shape)
-    except Unavailable as exc:
-        return str(exc)
-    return None

@@ -92,6 +92,14 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None,
     sequence's tokens then over sequences; "bnpo"/"dapo" mean over all tokens; "dr_grpo" sum / (B * max_len).
     """
     token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
+    return grpo_loss_from_logps(token_logps, advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
+                                beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=max_len)
+
+
+def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
+                         eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None):
+    """grpo_loss on token log-probs ``[B, T]`` (differentiable) already computed, in their dtype."""
+    dtype = token_logps.dtype
     mask = torch.ones_like(token_logps) if mask is None else mask.to(dtype)
     old = token_logps.detach() if old_logps is None else old_logps.to(dtype)
     ratio = torch.exp(token_logps - old)
@@ -152,7 +160,12 @@ def sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction
     valid = targets != ignore_index
     if mask is not None:
         valid = valid & mask.bool()
-    valid = valid.to(dtype)
+    return sft_loss_from_logps(token_logps, valid, reduction=reduction)
+
+
+def sft_loss_from_logps(token_logps, valid, *, reduction="token_mean"):
+    """sft_loss on token log-probs ``[B, T]`` already computed, over the tokens ``valid``."""
+    valid = valid.to(token_logps.dtype)
     if reduction == "token_mean":
         return -(token_logps * valid).sum() / valid.sum().clamp(min=1)
     if reduction == "seq_mean":
@@ -168,27 +181,36 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     """DYPO's routed objective, each part from the functions above on its own rows (route 1 = RL, 2 = SFT):
     (P_hard gamma L_SFT + P_mid (alpha L_GRPO + (1 - alpha) L_GAL)) / (P_hard + P_mid), P the prompts (groups) of
     each route; L_SFT aggregates -lp over the SFT rows as ``loss_type`` aggregates GRPO's per-token loss."""
+    targets = targets.masked_fill(~mask.bool(), 0)
+    token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
+    return dypo_loss_from_logps(token_logps, mask=mask, route=route, rewards=rewards, group_index=group_index,
+                                advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, alpha=alpha,
+                                gamma=gamma, beta_gal=beta_gal, beta_kl=beta_kl, eps_low=eps_low, eps_high=eps_high,
+                                loss_type=loss_type)
+
+
+def dypo_loss_from_logps(token_logps, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
+                         ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
+                         loss_type="grpo"):
+    """dypo_loss on token log-probs ``[B, T]`` already computed, in their dtype."""
+    dtype = token_logps.dtype
     mask = mask.bool()
-    targets = targets.masked_fill(~mask, 0)
     rl, sft = (route == 1).nonzero().squeeze(1), (route == 2).nonzero().squeeze(1)
     prompts_rl, prompts_sft = group_index[rl].unique().numel(), group_index[sft].unique().numel()
-    common = dict(bias=bias, temperature=temperature, dtype=dtype)
-    total = (hidden.sum() * 0.0).to(dtype)
+    total = token_logps.sum() * 0.0
     if sft.numel():
-        sft_logps, _ = token_logprobs(hidden[sft], weight, targets[sft], **common)
-        total = total + prompts_sft * gamma * _aggregate(-sft_logps, mask[sft].to(dtype), loss_type)
+        total = total + prompts_sft * gamma * _aggregate(-token_logps[sft], mask[sft].to(dtype), loss_type)
     if rl.numel():
         rl_group = torch.unique(group_index[rl], return_inverse=True)[1]
         rl_advantages = (group_advantages(rewards[rl], group_index=rl_group, dtype=dtype).advantages
                          if advantages is None else advantages[rl])
-        grpo = grpo_loss(hidden[rl], weight, targets[rl], rl_advantages, mask=mask[rl],
-                         old_logps=None if old_logps is None else old_logps[rl],
-                         ref_logps=None if ref_logps is None else ref_logps[rl], beta=beta_kl, eps_low=eps_low,
-                         eps_high=eps_high, loss_type=loss_type, **common)
-        rl_logps, _ = token_logprobs(hidden[rl], weight, targets[rl], **common)
+        grpo = grpo_loss_from_logps(token_logps[rl], rl_advantages, mask=mask[rl],
+                                    old_logps=None if old_logps is None else old_logps[rl],
+                                    ref_logps=None if ref_logps is None else ref_logps[rl], beta=beta_kl,
+                                    eps_low=eps_low, eps_high=eps_high, loss_type=loss_type)
         ref_seq = None if ref_logps is None else sequence_logprobs(ref_logps[rl].to(dtype), mask[rl])
-        gal = gal_loss(sequence_logprobs(rl_logps, mask[rl]), rewards[rl], ref_seq_logps=ref_seq, group_index=rl_group,
-                       beta=beta_gal, dtype=dtype)
+        gal = gal_loss(sequence_logprobs(token_logps[rl], mask[rl]), rewards[rl], ref_seq_logps=ref_seq,
+                       group_index=rl_group, beta=beta_gal, dtype=dtype)
         total = total + prompts_rl * (alpha * grpo + (1 - alpha) * gal)
     return total / max(prompts_rl + prompts_sft, 1)
 
