@@ -1,4 +1,4 @@
-"""dypo_kernels against naive PyTorch (and Liger-Kernel's GRPO) on the CPU: forward + backward of each loss, each
+"""dypo_kernels against naive PyTorch, Liger-Kernel and Cut Cross-Entropy (where they run) on the CPU: forward + backward of each loss, each
 case in a fresh process (time: median of the repeats; memory: peak RSS above the inputs). Prints Markdown tables.
 
     python -m benchmarks.cpu_vs_naive                      # log-probs at small shapes, a few seconds (make demo)
@@ -13,28 +13,40 @@ import argparse
 import datetime
 import platform
 
+from benchmarks import cases
 from benchmarks.cpu_case import measure
 from dypo_kernels.backend import cpu_extension
 
 LOSSES = ("logprobs", "grpo", "gal", "sft", "dypo", "kl")
 
 
+def _runs_here(loss, impl, teachers):
+    try:
+        cases.build(loss, impl, N=64, D=16, V=64, T=16, teachers=teachers)
+    except cases.Unavailable:
+        return False
+    return True
+
+
 def table(loss, shape, repeats):
-    if loss == "kl":  # the teachers' count is the variable: naive against the fused op (one CPU pass) for m = 1..3
-        impls = [dict(impl=impl, teachers=m) for m in (1, 2, 3) for impl in ("naive", "fused")]
-    else:
-        impls = [dict(impl="naive"), dict(impl="fused", backend="torch")]
+    teacher_counts = (1, 2, 3) if loss == "kl" else (1,)
+    impls = []
+    for teachers in teacher_counts:
+        impls.append(dict(impl="naive", teachers=teachers))
+        if loss != "kl":  # the multi-teacher KL has one CPU pass (torch) whichever backend is chosen
+            impls.append(dict(impl="fused", backend="torch", teachers=teachers))
         if cpu_extension() is not None:
-            impls.append(dict(impl="fused", backend="cpp"))
-        if loss == "grpo":
-            impls.append(dict(impl="liger"))
+            impls.append(dict(impl="fused", backend="cpp", teachers=teachers))
+        elif loss == "kl":
+            impls.append(dict(impl="fused", backend="torch", teachers=teachers))
+        impls += [dict(impl=impl, teachers=teachers) for impl in ("liger", "cce") if _runs_here(loss, impl, teachers)]
     results = [measure(**impl, **shape, loss=loss, repeats=repeats) for impl in impls]
     lines = [f"{loss}: fp32, N = {shape['N']:,}, D = {shape['D']:,}, V = {shape['V']:,}; forward + backward",
              "| implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |", "|---|---|---|---|---|"]
     for impl, row in zip(impls, results):
         if row["impl"] == "naive":
             naive = row
-        name = (f"{impl['impl']}, m = {impl['teachers']}" if loss == "kl" else row["impl"])
+        name = row["impl"] + (f", m = {impl['teachers']}" if loss == "kl" else "")
         lines.append(f"| {name} | {row['seconds']:.2f} | {row['seconds'] / naive['seconds']:.2f}x | "
                      f"{row['peak_extra_mb']:.0f} | {row['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ def available_backends():
     return backends
 
 
-# CPU chunks of a few rows, so that tiny shapes cross several chunks (the production chunks hold 64 MiB of logits)
+# CPU chunks of a few rows, so that tiny shapes cross several chunks (the production chunks hold 128 MiB of logits)
 TEST_CHUNK_BYTES = 16 * 1024
 
 

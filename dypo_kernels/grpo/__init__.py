@@ -59,7 +59,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
 
     Cost for N masked tokens: masked tokens are dropped before the projection; the gradients are computed inside the
-    forward: CPU 6NDV FLOP (one sweep of 64 MiB logit chunks), CUDA 8NDV (Triton forward and gradient kernels, no
+    forward: CPU 6NDV FLOP (one sweep of 128 MiB logit chunks), CUDA 8NDV (Triton forward and gradient kernels, no
     logits buffer). Extra memory O(N*D + V*D + chunk*V), never N x V: fp32 gradients of hidden and weight are held
     from the forward to the backward. Host syncs: the input checks and the number of masked tokens, none inside the
     sweep. Deterministic on CPU; on CUDA the

@@ -107,7 +107,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
 
     Differentiable in ``hidden``, ``weight`` and ``bias``; the weight gradient is accumulated in fp32.
     Cost, for N kept tokens: forward 2NDV FLOP, backward 6NDV (the logits are recomputed). Extra memory
-    O(N*D + V*D + chunk*V): never an N x V tensor (CPU: 64 MiB logit chunks; CUDA: register tiles).
+    O(N*D + V*D + chunk*V): never an N x V tensor (CPU: 128 MiB logit chunks; CUDA: register tiles).
     Two host synchronisations, both before the kernels: the out-of-range target check and the selection of the kept
     rows. The CPU paths are deterministic; on CUDA the backward adds tile products with atomics, so gradients may
     differ in the last bits from run to run.

@@ -10,7 +10,7 @@ import torch
 
 from dypo_kernels.backend import cpu_extension
 
-LOGITS_CHUNK_BYTES = 64 * 2**20  # one chunk of fp32 logits; bounds the extra memory independently of N
+LOGITS_CHUNK_BYTES = 128 * 2**20  # one chunk of fp32 logits; bounds the extra memory independently of N
 
 
 def rows_per_chunk(vocab_size: int) -> int:

@@ -14,7 +14,7 @@ from dypo_kernels.validation import check_choice, check_linear_head, check_numbe
     check_temperature, check_tensor
 
 # All m + 1 logits chunks of one step together take at most this much (fp32); the pass adds a few more of them.
-CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 512 * 2**20}
 
 
 def _rows_per_chunk(device, vocab_size, num_teachers):
@@ -190,7 +190,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     independent of N) of the student and of all teachers are formed, reduced, turned into the student's logit
     gradient and freed; the gradient is computed inside the forward. FLOP 2N(D_s + sum_i D_i)V + 4N D_s V (teachers
     with weight 0 are dropped first). Extra memory O(N*(D_s + sum_i D_i) + V*(D_s + sum_i D_i) + chunk*V*(m+1)):
-    the kept rows of every input, fp32 copies of 16-bit weights on CPU, and chunks of logits totalling 64 MiB (CPU)
+    the kept rows of every input, fp32 copies of 16-bit weights on CPU, and chunks of logits totalling 128 MiB (CPU)
     or 512 MiB (CUDA) plus a few chunk-sized temporaries of the pass. Masked tokens are dropped before any
     projection. The reverse KL (and the mean of reverse KLs) is +inf where a teacher it compares with gives
     probability 0 to a token the student does not; the other divergences stay finite there. CPU: the per-chunk pass in torch; CUDA: one Triton kernel per chunk
