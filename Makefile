@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test demo
+.PHONY: test demo bench
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -18,3 +18,7 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.cpu_vs_naive
+
+bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only

@@ -6,7 +6,9 @@ Losses (N = B * T tokens, sequences of T tokens; the weights are the lm_head [V,
     logprobs  a per-token log-prob loss (sum of random multiples of each token's log-prob)
     sft       mean negative log-likelihood of all tokens
     grpo      DAPO aggregation, eps 0.2, beta 0.04 with reference log-probs, old log-probs = the current policy's
-    gal       groups of two (rollout b succeeds, rollout b + B/2 fails: Liger-Kernel's DPO layout), no reference
+    gal       groups of two (rollout b succeeds, rollout b + B/2 fails: Liger-Kernel's DPO layout), no reference,
+              beta 0.1 (DPO's usual value: with beta 1, sequence sums differing by tens saturate the sigmoid and naive
+              PyTorch's and Liger's CPU backward run on subnormal floats, 30x slower)
     dypo      half the rows RL rollouts of one prompt, half SFT trajectories of another; old = current log-probs
     kl        forward KL to the mixture of m teachers of hidden size D (student and teachers share the shape)
     advantages  group_advantages of B = N rewards in groups of 8
@@ -187,16 +189,18 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
         pairs = torch.arange(batch, device=device) % half
 
         def of_logps(token_logps):
-            return reference.gal_loss(token_logps.sum(-1), rewards, group_index=pairs, dtype=token_logps.dtype)
+            return reference.gal_loss(token_logps.sum(-1), rewards, group_index=pairs, beta=0.1,
+                                      dtype=token_logps.dtype)
 
         if impl == "fused":
-            return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs),
+            return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs,
+                                                            beta=0.1),
                         params, 4 * projection, inputs=inputs, loss_of_logps=of_logps)
         if impl == "naive":
             return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]), params,
                         3 * projection)
         if impl.startswith("liger"):
-            dpo = _liger().LigerFusedLinearDPOLoss(beta=1.0, compiled=impl == "liger-compiled", use_ref_model=False)
+            dpo = _liger().LigerFusedLinearDPOLoss(beta=0.1, compiled=impl == "liger-compiled", use_ref_model=False)
             return Case(lambda: dpo(weight, hidden, targets)[0], params, 4 * projection)
         raise Unavailable("Cut Cross-Entropy has no preference loss")
 

@@ -6,6 +6,7 @@ import torch
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.linear_logprobs import cpu
+from dypo_kernels.linear_logprobs.cpu import flush_negligible
 from dypo_kernels.validation import check_linear_head, check_same_device, check_targets, check_temperature
 
 
@@ -35,7 +36,7 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # the kernels assume stride 1
     lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
     logps = target_logit - lse
-    grad_logp = gradient_of_logps(slice(0, hidden.shape[0]), logps, entropy).float().contiguous()
+    grad_logp = flush_negligible(gradient_of_logps(slice(0, hidden.shape[0]), logps, entropy).float()).contiguous()
     grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp, None, inv_temperature,
                           needs_input_grad=needs_input_grad)
     return (lse, logps, entropy, *grads)
@@ -46,7 +47,8 @@ def correction_gradients(hidden, weight, bias, targets, lse, entropy, grad_logp,
     """fp32 gradients of sum_t grad_logp_t lp_t for rows whose lse and entropy a sweep already gave (6NDV)."""
     _, backward_impl = _kernels(backend)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    return backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(), None,
+    return backward_impl(hidden, weight, bias, targets, lse, entropy, flush_negligible(grad_logp.float()).contiguous(),
+                         None,
                          inv_temperature, needs_input_grad=needs_input_grad)
 
 
@@ -77,8 +79,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         _, backward_impl = _kernels(ctx.backend)
-        grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp.float().contiguous(),
-                              None if grad_entropy is None else grad_entropy.float().contiguous(),
+        grads = backward_impl(hidden, weight, bias, targets, lse, entropy, flush_negligible(grad_logp.float()).contiguous(),
+                              None if grad_entropy is None else flush_negligible(grad_entropy.float()).contiguous(),
                               ctx.inv_temperature, needs_input_grad=needs)
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
