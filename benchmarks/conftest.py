@@ -6,7 +6,7 @@ group, so pytest-benchmark's table puts the competitors side by side. Peak memor
 (benchmarks/cpu_case.py: peak RSS above the inputs). Implementations that do not run here (no CUDA, package missing)
 are skipped with the reason; naive PyTorch running out of memory is reported as a skip that says so.
 
-Shapes: ``--shapes small`` (default without CUDA: a few minutes on a 2-core CPU), ``real`` (default with CUDA:
+Shapes: ``--shapes small`` (default without CUDA: under 3 minutes on a 2-core CPU), ``real`` (default with CUDA:
 N = 8,192, D = 4,096, V = 151,936 in bf16), ``tiny`` (seconds: the smoke test in tests/). ``--no-memory`` skips the
 memory probes.
 """
