@@ -10,10 +10,12 @@ from dypo_kernels.grade import Grade, GroupAdvantages, Route
 from dypo_kernels.grpo import fused_grpo_loss
 from dypo_kernels.linear_logprobs import fused_linear_logprobs
 from dypo_kernels.multi_teacher_kl import fused_multi_teacher_kl
+from dypo_kernels.multi_teacher_kl.sparse import fused_sparse_teacher_kl
 from dypo_kernels.sft import fused_sft_loss
 
 __all__ = [
     "Grade", "GroupAdvantages", "Route", "dypo_loss", "fused_gal_loss", "fused_grpo_loss", "fused_linear_logprobs",
-    "fused_multi_teacher_kl", "fused_sft_loss", "gal_coefficients", "gal_loss", "group_advantages",
+    "fused_multi_teacher_kl", "fused_sft_loss",
+    "fused_sparse_teacher_kl", "gal_coefficients", "gal_loss", "group_advantages",
 ]
 __version__ = "0.1.0"

@@ -262,3 +262,29 @@ def multi_teacher_kl(student_hidden, student_weight, teacher_hiddens: Sequence[t
     mask = torch.ones_like(per_token) if mask is None else mask.bool().to(dtype)
     loss = torch.where(mask.bool(), per_token, 0.0).sum() / mask.sum().clamp(min=1)
     return loss * temperature**2 if scale_by_temperature_sq else loss
+
+
+def sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
+                      teacher_coefs=None, tail="bucket", temperature=1.0, student_bias=None, dtype=torch.float64):
+    """sum_i w_i KL(P_i || Q_i) for teachers given as top-k (ids, log-probs), mean over unmasked tokens, written with
+    explicit coarse-grained distributions: "bucket": P_i = (p_S, 1 - sum p_S), Q_i = (q_S, 1 - sum q_S);
+    "renormalize": P_i = p_S / sum p_S against the full student distribution on S."""
+    m = len(teacher_token_ids)
+    coefs = [1.0 / m] * m if teacher_coefs is None else [float(c) for c in teacher_coefs]
+    student_logp = torch.log_softmax(logits(student_hidden, student_weight, student_bias, temperature, dtype), -1)
+    per_token = torch.zeros(student_logp.shape[:-1], dtype=dtype, device=student_logp.device)
+    for coef, ids, logps in zip(coefs, teacher_token_ids, teacher_logps):
+        p_top = logps.to(dtype).exp()
+        q_top = student_logp.exp().gather(-1, ids.long())
+        if tail == "renormalize":
+            p_top = p_top / p_top.sum(-1, keepdim=True)
+            teacher, student = p_top, q_top
+        else:
+            rest = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)
+            rest = torch.where(rest > 1e-4, rest, 0.0)
+            teacher = torch.cat([p_top, rest], -1)
+            student = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+        per_token = per_token + coef * torch.where(teacher > 0, teacher * (teacher.log() - student.log()),
+                                                   0.0).sum(-1)
+    mask = torch.ones_like(per_token) if mask is None else mask.bool().to(dtype)
+    return torch.where(mask.bool(), per_token, 0.0).sum() / mask.sum().clamp(min=1)

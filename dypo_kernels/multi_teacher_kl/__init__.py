@@ -58,13 +58,29 @@ def _divergence_pass(backend):
     return torch_pass.divergence_pass
 
 
-def _sweep(student_hidden, student_weight, student_bias, teachers, coefs, settings, needs_input_grad, backend):
+def dense_teachers_pass(teachers, coefs, settings, backend):
+    """The chunk pass of fused_multi_teacher_kl: each teacher's logits for the chunk's rows, then the divergence."""
+    divergence, jsd_beta, aggregate, inv_temperature = settings
+    divergence_pass = _divergence_pass(backend)
+    teachers = [(h, _matmul_operand(w), b) for h, w, b in teachers]
+
+    def chunk_pass(rows, student_logits):
+        teacher_logits = torch.empty((len(teachers), *student_logits.shape), dtype=torch.float32,
+                                     device=student_logits.device)
+        for i, (hidden, weight, bias) in enumerate(teachers):
+            _chunk_logits(hidden[rows], weight, bias, inv_temperature, out=teacher_logits[i])
+        return divergence_pass(student_logits, teacher_logits, coefs, divergence, jsd_beta, aggregate)
+
+    return chunk_pass
+
+
+def _sweep(student_hidden, student_weight, student_bias, inv_temperature, chunk_pass, buffers_per_row,
+           needs_input_grad):
     """Value sum over rows of the per-token divergence, and the fp32 gradients of that sum (hidden, weight, bias).
 
-    One sweep over the vocabulary: per chunk of rows, the student's and each teacher's logits, then the pass that
-    gives each row's divergence and its gradient, then the gradient's products with W and h (2N(D_s + sum D_i)V +
-    4N D_s V FLOP)."""
-    divergence, jsd_beta, aggregate, inv_temperature = settings
+    One sweep over the vocabulary: per chunk of rows, the student's logits, then ``chunk_pass(rows, logits)``, which
+    gives each row's divergence and the gradient with respect to the logits, then the gradient's products with W
+    and h. ``buffers_per_row``: how many V-long fp32 rows the pass holds per row (sizes the chunk)."""
     needs_hidden, needs_weight, needs_bias = needs_input_grad
     count = student_hidden.shape[0]
     device = student_hidden.device
@@ -72,20 +88,14 @@ def _sweep(student_hidden, student_weight, student_bias, teachers, coefs, settin
     grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if needs_hidden else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if needs_weight else None
     grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
-    divergence_pass = _divergence_pass(backend)
     student_operand = _matmul_operand(student_weight)
-    teachers = [(h, _matmul_operand(w), b) for h, w, b in teachers]
-    step = _rows_per_chunk(device, student_weight.shape[0], len(teachers))
+    step = _rows_per_chunk(device, student_weight.shape[0], buffers_per_row - 1)
     for start in range(0, count, step):
         rows = slice(start, start + step)
         hidden_chunk = student_hidden[rows]
         student_logits = _chunk_logits(hidden_chunk, student_operand, student_bias, inv_temperature)
-        teacher_logits = torch.empty((len(teachers), *student_logits.shape), dtype=torch.float32, device=device)
-        for i, (hidden, weight, bias) in enumerate(teachers):
-            _chunk_logits(hidden[rows], weight, bias, inv_temperature, out=teacher_logits[i])
-        values[rows], grad_logits = divergence_pass(student_logits, teacher_logits, coefs, divergence, jsd_beta,
-                                                    aggregate)
-        del student_logits, teacher_logits
+        values[rows], grad_logits = chunk_pass(rows, student_logits)
+        del student_logits
         grad_logits = grad_logits.mul_(inv_temperature).to(student_operand.dtype)  # d/d raw logits: a further 1/T
         if needs_hidden:
             grad_hidden[rows] = grad_logits @ student_operand
@@ -105,11 +115,11 @@ class MultiTeacherKLFunction(torch.autograd.Function):
     the forward (when ``grad_enabled``) and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teachers, coefs, settings, loss_scale, backend,
-                grad_enabled):
+    def forward(ctx, student_hidden, student_weight, student_bias, inv_temperature, chunk_pass, buffers_per_row,
+                loss_scale, grad_enabled):
         needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
-        values, grads = _sweep(student_hidden, student_weight, student_bias, teachers, coefs, settings, needs,
-                               backend)
+        values, grads = _sweep(student_hidden, student_weight, student_bias, inv_temperature, chunk_pass,
+                               buffers_per_row, needs)
         ctx.save_for_backward(*(None if g is None else g.mul_(loss_scale) for g in grads))
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias))
         ctx.mark_non_differentiable(values)
@@ -120,7 +130,7 @@ class MultiTeacherKLFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_values):
         grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors,
                                                                                         ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights, teacher_biases, teacher_coefs):
@@ -233,8 +243,9 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     count = kept_student.shape[0]
     loss_scale = (temperature**2 if scale_by_temperature_sq else 1.0) / max(count, 1)
     settings = (divergence, float(jsd_beta), aggregate, 1.0 / temperature)
-    loss, per_token = MultiTeacherKLFunction.apply(kept_student, student_weight, student_bias, teachers, coefs,
-                                                   settings, loss_scale, backend, torch.is_grad_enabled())
+    loss, per_token = MultiTeacherKLFunction.apply(kept_student, student_weight, student_bias, 1.0 / temperature,
+                                                   dense_teachers_pass(teachers, coefs, settings, backend),
+                                                   len(teachers) + 1, loss_scale, torch.is_grad_enabled())
     if not return_metrics:
         return loss
     metrics = {"num_tokens": count,

@@ -39,7 +39,7 @@ def _plogp_ratio(p, log_p, log_other):
     return torch.where(p > 0, p * (log_p - log_other), 0.0).sum(-1)
 
 
-def _log_softmax_(logits):
+def log_softmax_(logits):
     """In place, as (z - max) - log sum exp(z - max): at low temperatures z is large and z - logsumexp would round."""
     logits.sub_(logits.amax(-1, keepdim=True))
     return logits.sub_(logits.exp().sum(-1, keepdim=True).log_())
@@ -59,9 +59,9 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
     list of m floats (the weights w_i, zero ones skipped). Works in place on the logits (they are overwritten) to
     keep few chunk-sized buffers alive."""
     divergence = resolve(divergence, jsd_beta)
-    log_q = _log_softmax_(student)
+    log_q = log_softmax_(student)
     q = log_q.exp()
-    teachers = [(w, _log_softmax_(t)) for w, t in zip(coefs, teachers) if w > 0]
+    teachers = [(w, log_softmax_(t)) for w, t in zip(coefs, teachers) if w > 0]
     log_mix = log_mixture(teachers)
     if divergence == "forward_kl":
         mixture = log_mix.exp()
