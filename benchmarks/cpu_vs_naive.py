@@ -1,5 +1,6 @@
-"""dypo_kernels against naive PyTorch, Liger-Kernel and Cut Cross-Entropy (where they run) on the CPU: forward + backward of each loss, each
-case in a fresh process (time: median of the repeats; memory: peak RSS above the inputs). Prints Markdown tables.
+"""dypo_kernels against naive PyTorch, Liger-Kernel and Cut Cross-Entropy (where they run) on the CPU: forward +
+backward of each loss, each case in a fresh process (time: median of the repeats; memory: peak RSS above the
+inputs). Prints Markdown tables.
 
     python -m benchmarks.cpu_vs_naive                      # log-probs at small shapes, a few seconds (make demo)
     python -m benchmarks.cpu_vs_naive --full --loss all    # N = 4,096, D = 1,024, V = 32,768 (README tables)

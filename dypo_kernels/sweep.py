@@ -25,7 +25,7 @@ class TokenTerms:
     """Per-token constants of the objective, fp32 ``[N]`` over the kept tokens (None: the term is absent).
 
     L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 2-3)
-        + kl_weight_t * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)                     (k3 estimate of KL to the reference)
+        + kl_weight_t * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)                     (k3 estimate of the KL)
         - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
     with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy).
     ``seq_coef_t`` adds a constant to dL/dlp_t with no value: the GAL gradient c_i of the token's sequence, whose

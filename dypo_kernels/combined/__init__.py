@@ -84,10 +84,11 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     coefficient of gal_coefficients (DESIGN.md section 1). With ``old_logps`` the c_i come from them and the whole
     loss takes one sweep (CPU 6NDV; CUDA 8NDV, no logits buffer); if the sweep's log-probs show the old ones were not
     the current policy's (sequence log-probs off by more than SEQUENCE_LOGPROB_TOL / beta_gal), one gradient pass
-    over the vocabulary adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are stale by design, cost
-    12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL rows gives the c_i
-    first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes,
-    rewards), the selection of kept tokens, and the coefficient check; none inside the sweep.
+    over the vocabulary adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are
+    stale by design, cost 12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL
+    rows gives the c_i first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory
+    O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes, rewards), the selection of kept tokens,
+    and the coefficient check; none inside the sweep.
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")

@@ -47,9 +47,9 @@ def correction_gradients(hidden, weight, bias, targets, lse, entropy, grad_logp,
     """fp32 gradients of sum_t grad_logp_t lp_t for rows whose lse and entropy a sweep already gave (6NDV)."""
     _, backward_impl = _kernels(backend)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    return backward_impl(hidden, weight, bias, targets, lse, entropy, flush_negligible(grad_logp.float()).contiguous(),
-                         None,
-                         inv_temperature, needs_input_grad=needs_input_grad)
+    grad_logp = flush_negligible(grad_logp.float()).contiguous()
+    return backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp, None, inv_temperature,
+                         needs_input_grad=needs_input_grad)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -79,8 +79,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         _, backward_impl = _kernels(ctx.backend)
-        grads = backward_impl(hidden, weight, bias, targets, lse, entropy, flush_negligible(grad_logp.float()).contiguous(),
-                              None if grad_entropy is None else flush_negligible(grad_entropy.float()).contiguous(),
+        grad_logp = flush_negligible(grad_logp.float()).contiguous()
+        grad_entropy = None if grad_entropy is None else flush_negligible(grad_entropy.float()).contiguous()
+        grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
                               ctx.inv_temperature, needs_input_grad=needs)
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))

@@ -203,9 +203,10 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     the kept rows of every input, fp32 copies of 16-bit weights on CPU, and chunks of logits totalling 128 MiB (CPU)
     or 512 MiB (CUDA) plus a few chunk-sized temporaries of the pass. Masked tokens are dropped before any
     projection. The reverse KL (and the mean of reverse KLs) is +inf where a teacher it compares with gives
-    probability 0 to a token the student does not; the other divergences stay finite there. CPU: the per-chunk pass in torch; CUDA: one Triton kernel per chunk
-    fuses the m + 1 log-sum-exps, the divergence and the student's logit gradient. Host syncs: the input checks and
-    the number of kept tokens.
+    probability 0 to a token the student does not; the other divergences stay finite there. CPU: the per-chunk pass
+    in torch; CUDA: one Triton kernel per chunk fuses the m + 1 log-sum-exps, the divergence and the student's logit
+    gradient. Host syncs: the input checks and the number of kept tokens. Teachers stored as top-k log-probs:
+    fused_sparse_teacher_kl.
     """
     check_linear_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight",
                       "student_bias")

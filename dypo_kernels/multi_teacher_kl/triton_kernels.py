@@ -145,8 +145,8 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
     value = torch.empty(rows, dtype=torch.float32, device=student.device)
     beta = jsd_beta if divergence == "jsd" else 0.5  # unused outside jsd; 0.5 keeps its logs finite
     _divergence_kernel[(rows,)](student, teachers, coef_tensor, teacher_lse, value, rows, vocab, len(teachers),
-                                beta, math.log(beta), math.log1p(-beta), DIVERGENCE=DIVERGENCE_CODES[divergence], MIXTURE=aggregate == "mixture",
-                                BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+                                beta, math.log(beta), math.log1p(-beta), DIVERGENCE=DIVERGENCE_CODES[divergence],
+                                MIXTURE=aggregate == "mixture", BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return value, student
 
 
