@@ -5,7 +5,7 @@ inputs). Prints Markdown tables.
     python -m benchmarks.cpu_vs_naive                      # log-probs at small shapes, a few seconds (make demo)
     python -m benchmarks.cpu_vs_naive --full --loss all    # N = 4,096, D = 1,024, V = 32,768 (README tables)
 
-Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (one group), sft, dypo (half
+Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (pairs, beta 0.1), sft, dypo (half
 RL rows of one prompt, half SFT rows of another), on sequences of 512 tokens, old log-probs equal to the current
 policy's; kl: forward KL to the mixture of m = 1, 2, 3 teachers of the student's hidden size.
 """
