@@ -1,0 +1,73 @@
+"""The embedded default: a character tokenizer, a synthetic arithmetic task with exactly checkable answers and a
+range of difficulty, rule-based teachers that write different correct solution styles, and the reward."""
+
+import random
+import re
+from dataclasses import dataclass
+from typing import List
+
+PAD, BOS, EOS = 0, 1, 2
+CHARACTERS = "0123456789+=() "
+
+
+class CharTokenizer:
+    """One id per character of CHARACTERS, after PAD, BOS and EOS."""
+
+    pad_token_id, bos_token_id, eos_token_id = PAD, BOS, EOS
+
+    def __init__(self):
+        self.ids = {c: i + 3 for i, c in enumerate(CHARACTERS)}
+        self.chars = {i: c for c, i in self.ids.items()}
+
+    @property
+    def vocab_size(self):
+        return len(self.ids) + 3
+
+    def encode(self, text: str) -> List[int]:
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids) -> str:
+        text = []
+        for token in ids:
+            if token == EOS:
+                break
+            text.append(self.chars.get(int(token), ""))
+        return "".join(text)
+
+
+@dataclass
+class Problem:
+    prompt: str
+    answer: str
+    teacher_solutions: List[str]
+
+
+def _teachers(a, b):
+    """Two teachers, two correct styles: the bare answer, and the sum restated in reverse order then answered."""
+    total = a + b
+    return [f"{total}", f"({b}+{a})={total}"]
+
+
+def make_problem(rng: random.Random, digits: int) -> Problem:
+    """a + b with operands of ``digits`` digits: one digit is easy to learn, three are hard."""
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    a, b = rng.randint(low, high), rng.randint(low, high)
+    return Problem(f"{a}+{b}=", str(a + b), _teachers(a, b))
+
+
+def make_problems(rng: random.Random, count: int, max_digits: int) -> List[Problem]:
+    return [make_problem(rng, rng.randint(1, max_digits)) for _ in range(count)]
+
+
+def final_answer(completion: str):
+    """The last integer of a completion, or None (also takes the content of a trailing \\boxed{...})."""
+    boxed = re.findall(r"\\boxed\{([^}]*)\}", completion)
+    text = boxed[-1] if boxed else completion
+    numbers = re.findall(r"-?\d+", text)
+    return numbers[-1] if numbers else None
+
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 when the completion's final answer equals the ground truth, else 0.0."""
+    found = final_answer(completion)
+    return 1.0 if found is not None and found.lstrip("0") == answer.lstrip("0") else 0.0
