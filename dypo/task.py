@@ -56,7 +56,9 @@ def make_problem(rng: random.Random, digits: int) -> Problem:
 
 
 def make_problems(rng: random.Random, count: int, max_digits: int) -> List[Problem]:
-    return [make_problem(rng, rng.randint(1, max_digits)) for _ in range(count)]
+    """Operands of 1..max_digits digits, each extra digit four times rarer: mostly learnable, some hard."""
+    digits = list(range(1, max_digits + 1))
+    return [make_problem(rng, rng.choices(digits, weights=[4.0**-d for d in digits])[0]) for _ in range(count)]
 
 
 def final_answer(completion: str):

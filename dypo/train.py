@@ -31,7 +31,7 @@ class Config:
 
     output_dir: str = "runs/dypo-tiny"
     strategy: str = "dypo"
-    max_steps: int = 150
+    max_steps: int = 1500
     seed: int = 0
     learning_rate: float = 3e-3
     num_generations: int = 8  # k rollouts per prompt
@@ -47,7 +47,7 @@ class Config:
     loss_type: str = "grpo"
     switch_gate: int = 0  # plain GRPO before this step
     max_grad_norm: float = 1.0
-    logging_steps: int = 10
+    logging_steps: int = 150
     eval_prompts: int = 64
     hidden_size: int = 64
     num_layers: int = 2
