@@ -208,8 +208,18 @@ def main(argv=None):
                       f"offline {mean['offline_ratio']:.2f} loss {metrics['loss']:.3f} "
                       f"({metrics['seconds']:.0f} s)", flush=True)
     accuracy_after = evaluate(model, tokenizer, eval_problems, config)
-    summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after, "steps": len(history)}
+    intervals = [history[i:i + config.logging_steps] for i in range(0, len(history), config.logging_steps)]
+
+    def curve(key):
+        return [round(sum(m[key] for m in window) / len(window), 2) for window in intervals]
+
+    summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after, "steps": len(history),
+               "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
+               "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"reward per {config.logging_steps} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")
+    print(f"hard share per {config.logging_steps} steps: {' '.join(f'{v:.2f}' for v in summary['hard_share_curve'])}")
+    print(f"easy share per {config.logging_steps} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
     print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({config.eval_prompts} greedy prompts); "
           f"run directory: {out}")
     return summary

@@ -64,7 +64,8 @@ def test_a_short_run_writes_its_run_directory(tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert {"reward_mean", "share_hard", "offline_ratio", "loss"} <= set(lines[0])
-    assert set(summary) == {"eval_accuracy_before", "eval_accuracy_after", "steps"}
+    assert {"eval_accuracy_before", "eval_accuracy_after", "steps", "reward_curve", "hard_share_curve"} <= set(summary)
+    assert len(summary["reward_curve"]) == 3  # one value per logging interval
 
 
 def test_unknown_strategy_is_a_one_line_error(capsys):
