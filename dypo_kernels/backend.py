@@ -11,7 +11,9 @@
 """
 
 import functools
+import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -54,8 +56,11 @@ def cpu_extension():
     try:
         from torch.utils.cpp_extension import load
 
+        # one build per Python environment: environments sharing torch's extension cache would otherwise rebuild it
+        # (about 25 s) each time the other one loaded it last
+        environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
         return load(
-            name="dypo_kernels_cpu",
+            name=f"dypo_kernels_cpu_{environment}",
             sources=[str(_csrc_dir() / "vocab_pass.cpp")],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
