@@ -167,14 +167,66 @@ def train_step(model, reference, optimizer, tokenizer, problems, config, step, r
             **{name: float(value) for name, value in loss_metrics.items()}}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad options end the run with one line naming the problem and exit status 2, without the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _check_config(config: Config, fail):
+    from dypo_kernels.sweep import LOSS_TYPES
+
+    if config.strategy not in STRATEGIES:
+        fail(f"strategy must be one of {', '.join(STRATEGIES)}; got {config.strategy!r}")
+    if config.loss_type not in LOSS_TYPES:
+        fail(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {config.loss_type!r}")
+    for name in ("max_steps", "num_generations", "prompts_per_step", "max_digits", "max_new_tokens", "logging_steps",
+                 "eval_prompts", "hidden_size", "num_layers"):
+        if getattr(config, name) < 1:
+            fail(f"{name} must be a positive integer; got {getattr(config, name)}")
+    for name in ("learning_rate", "temperature"):
+        if not getattr(config, name) > 0:
+            fail(f"{name} must be positive; got {getattr(config, name)}")
+    if not 0 <= config.alpha <= 1:
+        fail(f"alpha must lie in [0, 1]; got {config.alpha}")
+    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "max_grad_norm"):
+        if getattr(config, name) < 0:
+            fail(f"{name} must be >= 0; got {getattr(config, name)}")
+
+
 def parse_config(argv):
-    parser = argparse.ArgumentParser(prog="python -m dypo.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument(f"--{field.name}", type=field.type, default=field.default,
-                            choices=STRATEGIES if field.name == "strategy" else None,
-                            help=f"default: {field.default}")
-    return Config(**vars(parser.parse_args(argv)))
+    """Config from the defaults, then a YAML file (``--config``), then ``--key value`` options."""
+    parser = _OneLineParser(prog="python -m dypo.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    for field in fields.values():
+        parser.add_argument(f"--{field.name}", type=field.type, default=None, help=f"default: {field.default}")
+    options = vars(parser.parse_args(argv))
+    values = {}
+    config_file = options.pop("config")
+    if config_file is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"cannot read --config {config_file}: {exc}".replace("\n", " "))
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {config_file} must hold a mapping of option: value")
+        unknown = sorted(set(loaded) - set(fields))
+        if unknown:
+            parser.error(f"unknown key {unknown[0]!r} in {config_file}; valid keys: {', '.join(fields)}")
+        for key, value in loaded.items():
+            try:
+                values[key] = fields[key].type(value)
+            except (TypeError, ValueError):
+                parser.error(f"{key} in {config_file} must be a {fields[key].type.__name__}; got {value!r}")
+    values.update({key: value for key, value in options.items() if value is not None})
+    config = Config(**values)
+    _check_config(config, parser.error)
+    return config
 
 
 def main(argv=None):

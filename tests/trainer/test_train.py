@@ -73,3 +73,30 @@ def test_unknown_strategy_is_a_one_line_error(capsys):
         main(["--strategy", "ppo"])
     assert exit_info.value.code == 2
     assert "strategy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--alpha", "2"], "alpha must lie in [0, 1]"),
+    (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
+    (["--max_steps", "0"], "max_steps must be a positive integer"),
+    (["--no_such_option", "1"], "unrecognized arguments"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_yaml_config_then_options(tmp_path, capsys):
+    from dypo.train import parse_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("alpha: 0.25\nmax_steps: 7\n")
+    config = parse_config(["--config", str(config_file), "--max_steps", "9"])
+    assert (config.alpha, config.max_steps) == (0.25, 9)  # the command line wins over the file
+    config_file.write_text("alpah: 0.25\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--config", str(config_file)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown key 'alpah'" in error and "alpha" in error
