@@ -142,11 +142,6 @@ def train_step(model, reference, optimizer, tokenizer, problems, config, step, r
     group_index = torch.tensor([used_groups.index(row[4]) for row in rows])
     route = torch.tensor([int(row[2]) for row in rows])
     row_rewards = torch.tensor([row[3] for row in rows])
-    advantages = graded.advantages.new_zeros(len(rows))
-    rl_rows = [i for i, row in enumerate(rows) if row[2] == Route.RL]
-    if rl_rows:
-        advantages[rl_rows] = group_advantages(row_rewards[rl_rows], group_index=torch.unique(
-            group_index[rl_rows], return_inverse=True)[1]).advantages
     weight = model.lm_head.weight
     with torch.no_grad():
         ref_hidden = reference.model(ids).last_hidden_state[:, :-1]
@@ -155,7 +150,7 @@ def train_step(model, reference, optimizer, tokenizer, problems, config, step, r
     with torch.no_grad():
         old_logps = fused_linear_logprobs(hidden.detach(), weight.detach(), targets, ignore_index=-1)
     loss, loss_metrics = dypo_loss(hidden, weight, targets.clamp(min=0), mask=mask, route=route, rewards=row_rewards,
-                                   group_index=group_index, advantages=advantages, old_logps=old_logps,
+                                   group_index=group_index, old_logps=old_logps,
                                    ref_logps=ref_logps, alpha=alpha, gamma=config.gamma, beta_gal=config.beta_gal,
                                    beta_kl=config.beta, eps_high=config.epsilon_high, loss_type=config.loss_type,
                                    return_metrics=True)

@@ -60,6 +60,16 @@ def _vocab_backward_torch(z, targets, lse, entropy, grad_logp, grad_entropy, inv
     return grad_z.scatter_add_(-1, targets.unsqueeze(-1), coef_logp)
 
 
+def _add_chunk_gradients(grad_z, hidden_chunk, weight32, rows, grad_hidden, grad_weight, grad_bias):
+    """The products of one chunk's logit gradient with W and h (4 rows*D*V FLOP), into the buffers that exist."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_z @ weight32
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_z.T, hidden_chunk.float())
+    if grad_bias is not None:
+        grad_bias += grad_z.sum(0)
+
+
 def forward(hidden, weight, bias, targets, inv_temperature, *, backend):
     """Returns (lse, target_logit, entropy), each fp32 [N], for hidden [N, D]."""
     weight32 = weight.float()
@@ -101,12 +111,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
         else:
             grad_z = _vocab_backward_torch(z, targets[rows], lse[rows], entropy[rows], grad_logp[rows], g_entropy,
                                            inv_temperature)
-        if needs_hidden:
-            grad_hidden[rows] = grad_z @ weight32
-        if needs_weight:
-            grad_weight.addmm_(grad_z.T, hidden_chunk.float())
-        if needs_bias:
-            grad_bias += grad_z.sum(0)
+        _add_chunk_gradients(grad_z, hidden_chunk, weight32, rows, grad_hidden, grad_weight, grad_bias)
         del z, grad_z  # one chunk alive at a time
     return grad_hidden, grad_weight, grad_bias
 
@@ -144,11 +149,6 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
         else:  # z holds z - max: its log-softmax subtracts lse - max
             grad_z = _vocab_backward_torch(z, targets_chunk, lse[rows] - row_max, entropy[rows], grad_logp, None,
                                            inv_temperature)
-        if needs_hidden:
-            grad_hidden[rows] = grad_z @ weight32
-        if needs_weight:
-            grad_weight.addmm_(grad_z.T, hidden_chunk.float())
-        if needs_bias:
-            grad_bias += grad_z.sum(0)
+        _add_chunk_gradients(grad_z, hidden_chunk, weight32, rows, grad_hidden, grad_weight, grad_bias)
         del z, grad_z  # one chunk alive at a time
     return lse, logps, entropy, grad_hidden, grad_weight, grad_bias

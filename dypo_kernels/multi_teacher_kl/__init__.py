@@ -133,15 +133,33 @@ class MultiTeacherKLFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights, teacher_biases, teacher_coefs):
-    for name, value in (("teacher_hiddens", teacher_hiddens), ("teacher_weights", teacher_weights)):
+def check_teacher_lists(**lists):
+    """Two sequences of per-teacher tensors, by keyword, of one length m >= 1; returns m."""
+    (first_name, first), (second_name, second) = lists.items()
+    for name, value in lists.items():
         if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
             raise TypeError(f"{name} must be a list or tuple of tensors, one per teacher; got {type(value).__name__}")
-    count = len(teacher_hiddens)
-    if count == 0:
-        raise ValueError("teacher_hiddens must hold at least one teacher (m >= 1); got an empty sequence")
-    if len(teacher_weights) != count:
-        raise ValueError(f"teacher_hiddens has {count} teachers but teacher_weights has {len(teacher_weights)}")
+    if len(first) == 0:
+        raise ValueError(f"{first_name} must hold at least one teacher (m >= 1); got an empty sequence")
+    if len(second) != len(first):
+        raise ValueError(f"{first_name} has {len(first)} teachers but {second_name} has {len(second)}")
+    return len(first)
+
+
+def check_teacher_coefs(teacher_coefs, count):
+    """The m weights w_i as floats (uniform when None): non-negative, summing to 1 within 1e-6."""
+    if teacher_coefs is None:
+        return [1.0 / count] * count
+    coefs = [float(c) for c in (teacher_coefs.tolist() if isinstance(teacher_coefs, torch.Tensor) else teacher_coefs)]
+    if len(coefs) != count:
+        raise ValueError(f"teacher_coefs has {len(coefs)} weights for {count} teachers")
+    if any(not math.isfinite(c) or c < 0 for c in coefs) or abs(sum(coefs) - 1.0) > 1e-6:
+        raise ValueError(f"teacher_coefs must be non-negative and sum to 1 (within 1e-6); got {coefs}")
+    return coefs
+
+
+def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights, teacher_biases, teacher_coefs):
+    count = check_teacher_lists(teacher_hiddens=teacher_hiddens, teacher_weights=teacher_weights)
     biases = [None] * count if teacher_biases is None else list(teacher_biases)
     if len(biases) != count:
         raise ValueError(f"teacher_biases has {len(biases)} entries for {count} teachers")
@@ -154,16 +172,7 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
         if weight.shape[0] != student_weight.shape[0]:
             raise ValueError(f"teacher_weights[{i}] has a vocabulary of {weight.shape[0]}, the student "
                              f"{student_weight.shape[0]}: all must share one vocabulary")
-    if teacher_coefs is None:
-        coefs = [1.0 / count] * count
-    else:
-        coefs = [float(c) for c in (teacher_coefs.tolist() if isinstance(teacher_coefs, torch.Tensor)
-                                    else teacher_coefs)]
-        if len(coefs) != count:
-            raise ValueError(f"teacher_coefs has {len(coefs)} weights for {count} teachers")
-        if any(not math.isfinite(c) or c < 0 for c in coefs) or abs(sum(coefs) - 1.0) > 1e-6:
-            raise ValueError(f"teacher_coefs must be non-negative and sum to 1 (within 1e-6); got {coefs}")
-    return biases, coefs
+    return biases, check_teacher_coefs(teacher_coefs, count)
 
 
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,

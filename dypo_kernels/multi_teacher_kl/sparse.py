@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dypo_kernels.multi_teacher_kl import MultiTeacherKLFunction
+from dypo_kernels.multi_teacher_kl import MultiTeacherKLFunction, check_teacher_coefs, check_teacher_lists
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_temperature, \
     check_tensor
@@ -59,14 +59,7 @@ def sparse_pass(student, teachers, coefs, tail):
 
 
 def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teacher_logps, teacher_coefs):
-    for name, value in (("teacher_token_ids", teacher_token_ids), ("teacher_logps", teacher_logps)):
-        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name} must be a list or tuple of tensors, one per teacher; got {type(value).__name__}")
-    count = len(teacher_token_ids)
-    if count == 0:
-        raise ValueError("teacher_token_ids must hold at least one teacher (m >= 1); got an empty sequence")
-    if len(teacher_logps) != count:
-        raise ValueError(f"teacher_token_ids has {count} teachers but teacher_logps has {len(teacher_logps)}")
+    count = check_teacher_lists(teacher_token_ids=teacher_token_ids, teacher_logps=teacher_logps)
     leading = tuple(student_hidden.shape[:-1])
     for i, (ids, logps) in enumerate(zip(teacher_token_ids, teacher_logps)):
         check_tensor(f"teacher_token_ids[{i}]", ids, integer=True)
@@ -88,12 +81,7 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
             raise ValueError(f"teacher_logps[{i}] must be log-probabilities (<= 0, -inf allowed, no NaN)")
         if bool((logps.float().exp().sum(-1) > 1 + MASS_TOLERANCE).any()):
             raise ValueError(f"teacher_logps[{i}]: a position's top-k probabilities sum to more than 1")
-    if teacher_coefs is None:
-        return [1.0 / count] * count
-    coefs = [float(c) for c in (teacher_coefs.tolist() if isinstance(teacher_coefs, torch.Tensor) else teacher_coefs)]
-    if len(coefs) != count or any(not math.isfinite(c) or c < 0 for c in coefs) or abs(sum(coefs) - 1) > 1e-6:
-        raise ValueError(f"teacher_coefs must be {count} non-negative weights summing to 1 (within 1e-6); got {coefs}")
-    return coefs
+    return check_teacher_coefs(teacher_coefs, count)
 
 
 def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
