@@ -1,10 +1,10 @@
-"""The embedded default: a character tokenizer, a synthetic arithmetic task with exactly checkable answers and a
-range of difficulty, rule-based teachers that write different correct solution styles, and the reward."""
+"""The embedded default: a character tokenizer and a synthetic arithmetic task with exactly checkable answers, a
+range of difficulty, and rule-based teachers that write different correct solution styles."""
 
 import random
-import re
-from dataclasses import dataclass
 from typing import List
+
+from dypo.data import Problem
 
 PAD, BOS, EOS = 0, 1, 2
 CHARACTERS = "0123456789+=() "
@@ -35,13 +35,6 @@ class CharTokenizer:
         return "".join(text)
 
 
-@dataclass
-class Problem:
-    prompt: str
-    answer: str
-    teacher_solutions: List[str]
-
-
 def _teachers(a, b):
     """Two teachers, two correct styles: the bare answer, and the sum restated in reverse order then answered."""
     total = a + b
@@ -59,17 +52,3 @@ def make_problems(rng: random.Random, count: int, max_digits: int) -> List[Probl
     """Operands of 1..max_digits digits, each extra digit four times rarer: mostly learnable, some hard."""
     digits = list(range(1, max_digits + 1))
     return [make_problem(rng, rng.choices(digits, weights=[4.0**-d for d in digits])[0]) for _ in range(count)]
-
-
-def final_answer(completion: str):
-    """The last integer of a completion, or None (also takes the content of a trailing \\boxed{...})."""
-    boxed = re.findall(r"\\boxed\{([^}]*)\}", completion)
-    text = boxed[-1] if boxed else completion
-    numbers = re.findall(r"-?\d+", text)
-    return numbers[-1] if numbers else None
-
-
-def exact_match(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer equals the ground truth, else 0.0."""
-    found = final_answer(completion)
-    return 1.0 if found is not None and found.lstrip("0") == answer.lstrip("0") else 0.0

@@ -1,93 +1,189 @@
-"""python -m dypo.train: DYPO end to end on the embedded default (a tiny Qwen2 model from a config, a character
-tokenizer, multi-digit addition with two rule-based teachers), on a CPU in minutes.
+"""python -m dypo.train: DYPO end to end. With no arguments: a tiny Qwen2 model built from a config, a character
+tokenizer and built-in multi-digit additions with two rule-based teachers, on a CPU in about a minute. With
+--model and --data: a local Hugging Face causal LM on a JSONL or Parquet file of prompts, answers and teacher
+solutions (nothing is downloaded).
 
-Each step: k rollouts per prompt -> exact-match rewards -> group_advantages (advantages and grades) -> routing
-(hard: SFT on one teacher solution drawn uniformly; mid: the rollouts, alpha GRPO + (1 - alpha) GAL; easy: dropped)
--> one policy forward to hidden states -> dypo_loss with lm_head.weight (no logits) -> clip -> optimizer step.
-Strategies: dypo (default), grpo, sft, sft_then_rl. This first version covers the embedded default only (issue 6
-lists what is still to come: real models and data, checkpoints and resume, plots, YAML configs).
+Each step: k rollouts per prompt -> rewards -> group_advantages (advantages and grades) -> routing (hard: SFT on a
+teacher solution drawn uniformly, or on all of them; mid: alpha GRPO + (1 - alpha) GAL on the rollouts; easy:
+dropped) -> the SFT and RL queues; whenever they hold train_batch_size prompts: one policy forward to hidden states
+-> dypo_loss with lm_head.weight (no logits) -> clip -> optimizer step. Old and reference log-probs come from the
+fused forward at rollout time. Strategies for comparison: dypo (default), grpo, sft, sft_then_rl. The run
+directory gets config.json, metrics.jsonl, samples.jsonl, PNG plots, summary.json and checkpoints (--resume
+RUN_DIR continues from the last one).
 """
 
-import argparse
 import copy
 import dataclasses
 import json
+import math
+import os
 import random
+import re
+import resource
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
-from dypo import task
+from dypo import checkpoint, plots, policy, task
+from dypo.config import Config, parse_config
+from dypo.data import DataError, load_problems
+from dypo.rewards import RewardError, load_reward, score
 from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
 
-STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
+UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
+                  "mean_ratio", "mean_kl", "pair_accuracy", "num_pairs", "num_prompts_sft", "num_prompts_rl",
+                  "grad_norm", "learning_rate", "train_tokens")
 
 
 @dataclasses.dataclass
-class Config:
-    """Defaults of the embedded run; TRL's names where TRL has the same knob."""
+class Row:
+    """One training sequence: prompt + completion token ids; RL rows carry their rollout-time log-probs (one per
+    completion token) and advantage."""
 
-    output_dir: str = "runs/dypo-tiny"
-    strategy: str = "dypo"
-    max_steps: int = 1500
-    seed: int = 0
-    learning_rate: float = 3e-3
-    num_generations: int = 8  # k rollouts per prompt
-    prompts_per_step: int = 8
-    max_digits: int = 2
-    max_new_tokens: int = 10
-    temperature: float = 1.0
-    alpha: float = 0.5
-    gamma: float = 1.0
-    beta_gal: float = 1.0
-    beta: float = 0.0  # KL to the reference (beta_kl)
-    epsilon_high: float = 0.2
-    loss_type: str = "grpo"
-    switch_gate: int = 0  # plain GRPO before this step
-    max_grad_norm: float = 1.0
-    logging_steps: int = 150
-    eval_prompts: int = 64
-    hidden_size: int = 64
-    num_layers: int = 2
+    ids: List[int]
+    prompt_length: int
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logps: Optional[List[float]] = None
+    ref_logps: Optional[List[float]] = None
 
 
-def build_model(config: Config, vocab_size: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+@dataclasses.dataclass
+class RoutedGroup:
+    """One prompt's rows waiting in a queue."""
 
-    model_config = Qwen2Config(vocab_size=vocab_size, hidden_size=config.hidden_size,
-                               intermediate_size=2 * config.hidden_size, num_hidden_layers=config.num_layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                               tie_word_embeddings=False, pad_token_id=task.PAD, bos_token_id=task.BOS,
-                               eos_token_id=task.EOS)
-    return Qwen2ForCausalLM(model_config)
+    arrival: int
+    step: int
+    route: int
+    rows: List[Row]
 
 
-def left_padded(tokenizer, prompts):
-    encoded = [[task.BOS] + tokenizer.encode(p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[task.PAD] * (width - len(e)) + e for e in encoded])
-    return ids, (ids != task.PAD).long()
+class Queues:
+    """The SFT queue (hard prompts' teacher solutions) and the RL queue (mid groups' rollouts). An update fires
+    whenever together they hold a batch; it takes the oldest prompts of both."""
+
+    def __init__(self):
+        self.groups = {Route.SFT: [], Route.RL: []}
+        self.arrivals = 0
+
+    def push(self, step, route, rows):
+        self.groups[route].append(RoutedGroup(self.arrivals, step, int(route), rows))
+        self.arrivals += 1
+
+    def __len__(self):
+        return sum(map(len, self.groups.values()))
+
+    def pop_batch(self, size):
+        batch = sorted(self.groups[Route.SFT] + self.groups[Route.RL], key=lambda g: g.arrival)[:size]
+        taken = {g.arrival for g in batch}
+        for route in self.groups:
+            self.groups[route] = [g for g in self.groups[route] if g.arrival not in taken]
+        return batch
+
+    def state(self):
+        return {"arrivals": self.arrivals,
+                "groups": [dataclasses.asdict(g) for route in self.groups for g in self.groups[route]]}
+
+    @classmethod
+    def from_state(cls, state):
+        queues = cls()
+        queues.arrivals = state["arrivals"]
+        for group in state["groups"]:
+            queues.groups[Route(group["route"])].append(
+                RoutedGroup(group["arrival"], group["step"], group["route"], [Row(**row) for row in group["rows"]]))
+        return queues
+
+
+class ProblemSource:
+    """The training prompts of each step: drawn from the built-in task, or a data file in shuffled epochs."""
+
+    def __init__(self, config, rng, problems=None):
+        self.config, self.rng, self.problems = config, rng, problems
+        self.order, self.position = [], 0
+
+    def next(self, count):
+        if self.problems is None:
+            return task.make_problems(self.rng, count, self.config.max_digits)
+        batch = []
+        while len(batch) < count:
+            if self.position == len(self.order):
+                self.order = list(range(len(self.problems)))
+                self.rng.shuffle(self.order)
+                self.position = 0
+            batch.append(self.problems[self.order[self.position]])
+            self.position += 1
+        return batch
+
+    def state(self):
+        return {"order": self.order, "position": self.position}
+
+    def load_state(self, state):
+        self.order, self.position = state["order"], state["position"]
+
+
+def load_data(config):
+    """(training problems or None for the built-in task, evaluation problems)."""
+    if not config.data:
+        return None, task.make_problems(random.Random(config.seed + 1), config.eval_prompts, config.max_digits)
+    fields = {"prompt_field": config.prompt_field, "answer_field": config.answer_field,
+              "teachers_field": config.teachers_field}
+    problems = load_problems(config.data, **fields)
+    if config.eval_data:
+        return problems, load_problems(config.eval_data, option="--eval_data", **fields)[:config.eval_prompts]
+    if len(problems) <= config.eval_prompts:
+        raise DataError(f"--data {config.data}: {len(problems)} records leave none for training after holding out "
+                        f"eval_prompts={config.eval_prompts}; lower --eval_prompts or give --eval_data")
+    order = list(range(len(problems)))
+    random.Random(config.seed + 1).shuffle(order)
+    held_out = set(order[:config.eval_prompts])
+    return ([p for i, p in enumerate(problems) if i not in held_out], [problems[i] for i in order[:config.eval_prompts]])
+
+
+def padded_batch(rows, pad_id, device):
+    """Right-padded ids and attention mask [B, L]; targets (next tokens, 0 where unused) and the completion mask
+    [B, L - 1]."""
+    width = max(len(row.ids) for row in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        attention[i, :len(row.ids)] = 1
+        mask[i, row.prompt_length - 1:len(row.ids) - 1] = True  # positions predicting the completion tokens
+    targets = ids[:, 1:].masked_fill(~mask, 0)
+    return ids.to(device), attention.to(device), targets.to(device), mask.to(device)
+
+
+def head_for(model, hidden):
+    weight, bias = policy.lm_head(model)
+    if weight.dtype != hidden.dtype:
+        weight, bias = weight.to(hidden.dtype), (None if bias is None else bias.to(hidden.dtype))
+    return weight, bias
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, config, greedy=False):
-    """Completions (strings, cut at EOS) of each prompt."""
-    ids, attention = left_padded(tokenizer, prompts)
-    out = model.generate(ids, attention_mask=attention, do_sample=not greedy, temperature=config.temperature,
-                         max_new_tokens=config.max_new_tokens, eos_token_id=task.EOS,
-                         pad_token_id=task.PAD)
-    return [tokenizer.decode(row[ids.shape[1]:].tolist()) for row in out]
-
-
-def evaluate(model, tokenizer, problems, config):
-    completions = generate(model, tokenizer, [p.prompt for p in problems], config, greedy=True)
-    return sum(task.exact_match(c, p.answer) for c, p in zip(completions, problems)) / len(problems)
+def completion_logprobs(model, rows, codec, runtime, temperature, entropy=False):
+    """Per-row log-probs of the completion tokens (lists), from hidden states and the fused op; with ``entropy``
+    also the mean policy entropy over those tokens."""
+    ids, attention, targets, mask = padded_batch(rows, codec.pad_id, runtime.device)
+    hidden = policy.last_hidden(model, ids, attention, runtime)[:, :-1]
+    weight, bias = head_for(model, hidden)
+    result = fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -100), bias=bias,
+                                   temperature=temperature, return_entropy=entropy)
+    logps, token_entropy = result if entropy else (result, None)
+    per_row = [logps[i][mask[i]].float().tolist() for i in range(len(rows))]
+    if not entropy:
+        return per_row
+    return per_row, (token_entropy.float()[mask].mean().item() if mask.any() else 0.0)
 
 
 def route_groups(grades, strategy, step, config):
-    """The Route of each prompt's group from its Grade: what DYPO does, or the comparison strategies."""
+    """The Route of each prompt's group from its Grade: what DYPO does, or the comparison strategies; and the
+    alpha of the RL term (1: plain GRPO)."""
     plain_rl = strategy == "grpo" or (strategy == "dypo" and step < config.switch_gate) or \
         (strategy == "sft_then_rl" and step >= config.max_steps // 2)
     routes = []
@@ -103,171 +199,301 @@ def route_groups(grades, strategy, step, config):
     return routes, (1.0 if plain_rl else config.alpha)
 
 
-def training_batch(tokenizer, rows):
-    """rows: (prompt, completion, route, reward, group). Right-padded input ids, targets (next tokens, -1 where
-    unused) and the completion mask, all [B, L - 1]."""
-    sequences = [[task.BOS] + tokenizer.encode(p) + tokenizer.encode(c) + [task.EOS] for p, c, *_ in rows]
-    width = max(map(len, sequences))
-    ids = torch.full((len(rows), width), task.PAD)
-    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
-    for i, ((prompt, *_), sequence) in enumerate(zip(rows, sequences)):
-        ids[i, :len(sequence)] = torch.tensor(sequence)
-        mask[i, len(prompt):len(sequence) - 1] = True  # positions predicting the completion and its EOS
-    targets = ids[:, 1:].masked_fill(~mask, -1)
-    return ids, targets, mask
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
 
 
-def train_step(model, reference, optimizer, tokenizer, problems, config, step, rng):
-    """One DYPO step; returns its metrics."""
-    k = config.num_generations
-    prompts = [p.prompt for p in problems for _ in range(k)]
-    completions = generate(model, tokenizer, prompts, config)
-    rewards = torch.tensor([task.exact_match(c, problems[i // k].answer) for i, c in enumerate(completions)])
-    graded = group_advantages(rewards, group_size=k)
-    routes, alpha = route_groups(graded.grade.tolist(), config.strategy, step, config)
-    rows = []
-    for g, (problem, route) in enumerate(zip(problems, routes)):
-        if route == Route.RL:
-            rows += [(problem.prompt, completions[g * k + j], Route.RL, rewards[g * k + j].item(), g)
-                     for j in range(k)]
-        elif route == Route.SFT:
-            rows.append((problem.prompt, rng.choice(problem.teacher_solutions), Route.SFT, 1.0, g))
-    metrics = {"step": step, "reward_mean": rewards.mean().item(),
-               **{f"share_{grade.name.lower()}": (graded.grade == grade).float().mean().item() for grade in Grade},
-               "offline_ratio": sum(r == Route.SFT for r in routes) / len(routes)}
-    if not rows:
-        return {**metrics, "loss": 0.0}
-    ids, targets, mask = training_batch(tokenizer, rows)
-    used_groups = sorted({row[4] for row in rows})
-    group_index = torch.tensor([used_groups.index(row[4]) for row in rows])
-    route = torch.tensor([int(row[2]) for row in rows])
-    row_rewards = torch.tensor([row[3] for row in rows])
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        ref_hidden = reference.model(ids).last_hidden_state[:, :-1]
-        ref_logps = fused_linear_logprobs(ref_hidden, reference.lm_head.weight, targets, ignore_index=-1)
-    hidden = model.model(ids).last_hidden_state[:, :-1]
-    with torch.no_grad():
-        old_logps = fused_linear_logprobs(hidden.detach(), weight.detach(), targets, ignore_index=-1)
-    loss, loss_metrics = dypo_loss(hidden, weight, targets.clamp(min=0), mask=mask, route=route, rewards=row_rewards,
-                                   group_index=group_index, old_logps=old_logps,
-                                   ref_logps=ref_logps, alpha=alpha, gamma=config.gamma, beta_gal=config.beta_gal,
-                                   beta_kl=config.beta, eps_high=config.epsilon_high, loss_type=config.loss_type,
-                                   return_metrics=True)
-    optimizer.zero_grad()
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    return {**metrics, "loss": loss.item(), "grad_norm": grad_norm.item(),
-            **{name: float(value) for name, value in loss_metrics.items()}}
+def lr_schedule(config):
+    warmup = int(config.warmup_ratio * config.max_steps)
+
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, config.max_steps - warmup)
+        if config.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad options end the run with one line naming the problem and exit status 2, without the usage dump."""
+class Trainer:
+    def __init__(self, config: Config, problems=None):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        self.model, self.codec, self.runtime = policy.load_policy(config)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+        self.reward_function = load_reward(config.reward)
+        self.source = ProblemSource(config, self.rng, problems)
+        self.queues = Queues()
+        self.step = 0
+        self.updates = 0
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    # rollouts -------------------------------------------------------------------------------------------------
+    def rollout(self, problems, step):
+        """Rollouts, rewards, grades and routing of one step's prompts; routed groups go to the queues. Returns
+        the step's metrics and samples."""
+        config, codec, k = self.config, self.codec, self.config.num_generations
+        prompt_ids = [codec.prompt_ids(p.prompt) for p in problems]
+        completions = policy.generate(self.model, codec, self.runtime, [ids for ids in prompt_ids for _ in range(k)],
+                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+        texts = [codec.text(c) for c in completions]
+        rewards = score(self.reward_function, [p.prompt for p in problems for _ in range(k)], texts,
+                        [p.answer for p in problems for _ in range(k)])
+        graded = group_advantages(torch.tensor(rewards), group_size=k, scale=config.scale_rewards)
+        routes, _ = route_groups(graded.grade.tolist(), config.strategy, step, config)
+        rows = [Row(prompt_ids[i // k] + c, len(prompt_ids[i // k]), rewards[i], graded.advantages[i].item())
+                for i, c in enumerate(completions)]
+        old_logps, entropy = completion_logprobs(self.model, rows, codec, self.runtime, config.temperature,
+                                                 entropy=True)
+        rl_rows = [i for g, route in enumerate(routes) if route == Route.RL for i in range(g * k, (g + 1) * k)]
+        if rl_rows and (config.beta > 0 or config.alpha < 1):
+            ref_logps = completion_logprobs(self.reference, [rows[i] for i in rl_rows], codec, self.runtime,
+                                            config.temperature)
+            for i, logps in zip(rl_rows, ref_logps):
+                rows[i].ref_logps = logps
+        for i in rl_rows:
+            rows[i].old_logps = old_logps[i]
+        for g, (problem, route) in enumerate(zip(problems, routes)):
+            if route == Route.RL:
+                self.queues.push(step, Route.RL, rows[g * k:(g + 1) * k])
+            elif route == Route.SFT:
+                solutions = problem.teacher_solutions if config.sft_teachers == "all" else \
+                    [self.rng.choice(problem.teacher_solutions)]
+                self.queues.push(step, Route.SFT, [Row(prompt_ids[g] + codec.solution_ids(text), len(prompt_ids[g]))
+                                                   for text in solutions])
+        routed = [r for r in routes if r != Route.SKIP]
+        metrics = {"reward_mean": sum(rewards) / len(rewards),
+                   **{f"share_{grade.name.lower()}": (graded.grade == grade).float().mean().item() for grade in Grade},
+                   "offline_ratio": sum(r == Route.SFT for r in routed) / len(routed) if routed else 0.0,
+                   "entropy": entropy, "rollout_tokens": sum(map(len, completions))}
+        samples = [{"step": step, "prompt": problems[i // k].prompt, "completion": texts[i], "reward": rewards[i],
+                    "answer": problems[i // k].answer} for i in range(0, len(texts), max(1, k))][:config.num_samples]
+        return metrics, samples
+
+    # update ---------------------------------------------------------------------------------------------------
+    def loss(self, groups, alpha):
+        """dypo_loss on a batch of routed groups after one forward of the policy to hidden states: (loss,
+        metrics, number of trained tokens)."""
+        config = self.config
+        rows = [row for group in groups for row in group.rows]
+        ids, attention, targets, mask = padded_batch(rows, self.codec.pad_id, self.runtime.device)
+        route = torch.tensor([group.route for group in groups for _ in group.rows], device=ids.device)
+        group_index = torch.tensor([g for g, group in enumerate(groups) for _ in group.rows], device=ids.device)
+        rewards = torch.tensor([row.reward for row in rows], device=ids.device)
+        advantages = torch.tensor([row.advantage for row in rows], device=ids.device)
+
+        def logps_of(name):
+            if not any(getattr(row, name) for row in rows):
+                return None
+            values = torch.zeros(mask.shape, device=ids.device)
+            for i, row in enumerate(rows):
+                if getattr(row, name):
+                    values[i, mask[i]] = torch.tensor(getattr(row, name), device=ids.device)
+            return values
+
+        hidden = policy.last_hidden(self.model, ids, attention, self.runtime)[:, :-1]
+        weight, bias = head_for(self.model, hidden)
+        loss, metrics = dypo_loss(hidden, weight, targets, mask=mask, route=route, rewards=rewards,
+                                  group_index=group_index, advantages=advantages, old_logps=logps_of("old_logps"),
+                                  ref_logps=logps_of("ref_logps"), alpha=alpha, gamma=config.gamma,
+                                  beta_gal=config.beta_gal, beta_kl=config.beta, eps_low=config.epsilon,
+                                  eps_high=config.epsilon_high, loss_type=config.loss_type, bias=bias,
+                                  temperature=config.temperature, return_metrics=True)
+        return loss, metrics, int(mask.sum())
+
+    def update(self, groups, step):
+        """One optimizer step on a batch of routed groups: dypo_loss, clip, step."""
+        _, alpha = route_groups([], self.config.strategy, step, self.config)
+        loss, loss_metrics, tokens = self.loss(groups, alpha)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": self.scheduler.get_last_lr()[0],
+                "train_tokens": tokens,
+                **{name: float(value) for name, value in loss_metrics.items() if name in UPDATE_METRICS}}
+
+    def train_step(self, step):
+        """One step: rollouts of prompts_per_step prompts, then every update the queues can fill."""
+        started = time.monotonic()
+        if self.runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.model.eval()
+        metrics, samples = self.rollout(self.source.next(self.config.prompts_per_step), step)
+        self.model.train()
+        updates = []
+        while len(self.queues) >= self.config.train_batch_size:
+            updates.append(self.update(self.queues.pop_batch(self.config.train_batch_size), step))
+        with warnings.catch_warnings():  # a step without an update (every prompt easy) still advances the schedule
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
+        seconds = time.monotonic() - started
+        metrics = {"step": step, **metrics, "updates": len(updates), "queued_prompts": len(self.queues)}
+        for name in UPDATE_METRICS:
+            values = [u[name] for u in updates if name in u]
+            if values:
+                metrics[name] = sum(values) / len(values)
+        metrics.update({"step_seconds": seconds,
+                        "tokens_per_second": (metrics["rollout_tokens"] + metrics.get("train_tokens", 0)) / seconds,
+                        "peak_memory_mb": peak_memory_mb(self.runtime.device)})
+        return metrics, samples
+
+    # evaluation and state -------------------------------------------------------------------------------------
+    def evaluate(self, problems):
+        self.model.eval()
+        completions = policy.generate(self.model, self.codec, self.runtime,
+                                      [self.codec.prompt_ids(p.prompt) for p in problems],
+                                      max_new_tokens=self.config.max_new_tokens, temperature=1.0, greedy=True)
+        texts = [self.codec.text(c) for c in completions]
+        rewards = score(self.reward_function, [p.prompt for p in problems], texts, [p.answer for p in problems])
+        return sum(r > 0.5 for r in rewards) / len(problems)
+
+    def state(self, extra):
+        version, internal, gauss = self.rng.getstate()
+        return {"step": self.step, "updates": self.updates, "python_rng": [version, list(internal), gauss],
+                "queues": self.queues.state(), "source": self.source.state(), **extra}
+
+    def load_state(self, state):
+        self.step, self.updates = state["step"], state["updates"]
+        version, internal, gauss = state["python_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queues = Queues.from_state(state["queues"])
+        self.source.load_state(state["source"])
 
 
-def _check_config(config: Config, fail):
-    from dypo_kernels.sweep import LOSS_TYPES
-
-    if config.strategy not in STRATEGIES:
-        fail(f"strategy must be one of {', '.join(STRATEGIES)}; got {config.strategy!r}")
-    if config.loss_type not in LOSS_TYPES:
-        fail(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {config.loss_type!r}")
-    for name in ("max_steps", "num_generations", "prompts_per_step", "max_digits", "max_new_tokens", "logging_steps",
-                 "eval_prompts", "hidden_size", "num_layers"):
-        if getattr(config, name) < 1:
-            fail(f"{name} must be a positive integer; got {getattr(config, name)}")
-    for name in ("learning_rate", "temperature"):
-        if not getattr(config, name) > 0:
-            fail(f"{name} must be positive; got {getattr(config, name)}")
-    if not 0 <= config.alpha <= 1:
-        fail(f"alpha must lie in [0, 1]; got {config.alpha}")
-    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "max_grad_norm"):
-        if getattr(config, name) < 0:
-            fail(f"{name} must be >= 0; got {getattr(config, name)}")
-
-
-def parse_config(argv):
-    """Config from the defaults, then a YAML file (``--config``), then ``--key value`` options."""
-    parser = _OneLineParser(prog="python -m dypo.train", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")
-    fields = {field.name: field for field in dataclasses.fields(Config)}
-    for field in fields.values():
-        parser.add_argument(f"--{field.name}", type=field.type, default=None, help=f"default: {field.default}")
-    options = vars(parser.parse_args(argv))
-    values = {}
-    config_file = options.pop("config")
-    if config_file is not None:
-        import yaml
-
+def _kept_lines(path: Path, before_step: int):
+    """Rewrite a JSON-lines log keeping the complete records of steps before ``before_step`` (the steps a resumed
+    run redoes, and a line cut by a kill, go)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            parser.error(f"cannot read --config {config_file}: {exc}".replace("\n", " "))
-        if not isinstance(loaded, dict):
-            parser.error(f"--config {config_file} must hold a mapping of option: value")
-        unknown = sorted(set(loaded) - set(fields))
-        if unknown:
-            parser.error(f"unknown key {unknown[0]!r} in {config_file}; valid keys: {', '.join(fields)}")
-        for key, value in loaded.items():
-            try:
-                values[key] = fields[key].type(value)
-            except (TypeError, ValueError):
-                parser.error(f"{key} in {config_file} must be a {fields[key].type.__name__}; got {value!r}")
-    values.update({key: value for key, value in options.items() if value is not None})
-    config = Config(**values)
-    _check_config(config, parser.error)
-    return config
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", before_step) < before_step:
+            kept.append(line + "\n")
+    temporary = path.with_suffix(".partial")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+
+
+def _fail(message):
+    print(f"python -m dypo.train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _progress(total, initial):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="steps", file=sys.stderr, disable=None, leave=False,
+                dynamic_ncols=True)
 
 
 def main(argv=None):
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    tokenizer = task.CharTokenizer()
-    model = build_model(config, tokenizer.vocab_size)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    eval_problems = task.make_problems(random.Random(config.seed + 1), config.eval_prompts, config.max_digits)
+    config, resume = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+    try:
+        return _run(config, resume)
+    except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
+        _fail(exc)
+
+
+def _run(config: Config, resume: Optional[Path]):
+    problems, eval_problems = load_data(config)
+    trainer = Trainer(config, problems)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    accuracy_before = evaluate(model, tokenizer, eval_problems, config)
-    history = []
-    started = time.monotonic()
-    with open(out / "metrics.jsonl", "w") as log:
-        for step in range(config.max_steps):
-            problems = task.make_problems(rng, config.prompts_per_step, config.max_digits)
-            metrics = train_step(model, reference, optimizer, tokenizer, problems, config, step, rng)
+    saved = checkpoint.checkpoints(out) if resume else []
+    if saved:
+        state = checkpoint.load(saved[-1], trainer.model, trainer.optimizer, trainer.scheduler)
+        trainer.load_state(state)
+        accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
+        print(f"resumed {out} from {saved[-1].name}", flush=True)
+    else:
+        if resume:
+            print(f"{out} has no checkpoint yet: starting from step 0", flush=True)
+        accuracy_before, elapsed = trainer.evaluate(eval_problems), 0.0
+    config_file = out / "config.json.partial"
+    config_file.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    os.replace(config_file, out / "config.json")
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        _kept_lines(out / log, trainer.step)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    started = time.monotonic() - elapsed
+    bar = _progress(config.max_steps, trainer.step)
+    with open(out / "metrics.jsonl", "a") as metrics_log, open(out / "samples.jsonl", "a") as samples_log:
+        while trainer.step < config.max_steps:
+            step = trainer.step
+            metrics, samples = trainer.train_step(step)
             metrics["seconds"] = time.monotonic() - started
+            trainer.step += 1
             history.append(metrics)
-            log.write(json.dumps(metrics) + "\n")
+            metrics_log.write(json.dumps(metrics) + "\n")
+            metrics_log.flush()
+            if (step + 1) % config.sample_steps == 0:
+                samples_log.write("".join(json.dumps(s) + "\n" for s in samples))
+                samples_log.flush()
+            bar.update(1)
             if (step + 1) % config.logging_steps == 0 or step + 1 == config.max_steps:
-                window = history[-config.logging_steps:]
-                mean = {key: sum(m.get(key, 0.0) for m in window) / len(window)
-                        for key in ("reward_mean", "share_hard", "share_mid", "share_easy", "offline_ratio")}
-                print(f"step {step + 1:4d}/{config.max_steps} reward {mean['reward_mean']:.2f} "
-                      f"hard/mid/easy {mean['share_hard']:.2f}/{mean['share_mid']:.2f}/{mean['share_easy']:.2f} "
-                      f"offline {mean['offline_ratio']:.2f} loss {metrics['loss']:.3f} "
-                      f"({metrics['seconds']:.0f} s)", flush=True)
-    accuracy_after = evaluate(model, tokenizer, eval_problems, config)
+                bar.write(_progress_line(history[-config.logging_steps:], step + 1, config.max_steps), file=sys.stdout)
+                sys.stdout.flush()
+            if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
+                checkpoint.save(out, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
+                                trainer.state({"eval_accuracy_before": accuracy_before, "seconds": metrics["seconds"]}),
+                                keep=config.save_total_limit)
+    bar.close()
+    accuracy_after = trainer.evaluate(eval_problems)
+    return _finish(config, out, history, accuracy_before, accuracy_after, len(eval_problems), trainer)
+
+
+def _window_mean(window, key):
+    values = [m[key] for m in window if m.get(key) is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _progress_line(window, step, max_steps):
+    mean = {key: _window_mean(window, key) for key in ("reward_mean", "share_hard", "share_mid", "share_easy",
+                                                      "offline_ratio", "entropy", "loss")}
+    return (f"step {step:4d}/{max_steps} reward {mean['reward_mean']:.2f} "
+            f"hard/mid/easy {mean['share_hard']:.2f}/{mean['share_mid']:.2f}/{mean['share_easy']:.2f} "
+            f"offline {mean['offline_ratio']:.2f} entropy {mean['entropy']:.2f} loss {mean['loss']:.3f} "
+            f"({window[-1]['seconds']:.0f} s)")
+
+
+def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts, trainer):
     intervals = [history[i:i + config.logging_steps] for i in range(0, len(history), config.logging_steps)]
 
     def curve(key):
-        return [round(sum(m[key] for m in window) / len(window), 2) for window in intervals]
+        return [round(_window_mean(window, key), 3) for window in intervals]
 
-    summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after, "steps": len(history),
+    summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
+               "eval_prompts": eval_prompts, "steps": len(history),
+               "updates": trainer.updates, "seconds": history[-1]["seconds"] if history else 0.0,
                "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
-               "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy")}
+               "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy"),
+               "offline_ratio_curve": curve("offline_ratio"), "entropy_curve": curve("entropy")}
+    summary["plots"] = plots.write_plots(history, out, window=config.logging_steps)
+    if config.model:
+        trainer.model.save_pretrained(out / "final_model")
+        trainer.codec.tokenizer.save_pretrained(out / "final_model")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"reward per {config.logging_steps} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")
-    print(f"hard share per {config.logging_steps} steps: {' '.join(f'{v:.2f}' for v in summary['hard_share_curve'])}")
-    print(f"easy share per {config.logging_steps} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
-    print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({config.eval_prompts} greedy prompts); "
+    n = config.logging_steps
+    print(f"reward per {n} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")
+    print(f"hard share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['hard_share_curve'])}")
+    print(f"easy share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
+    print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({summary['eval_prompts']} greedy prompts); "
           f"run directory: {out}")
     return summary
 

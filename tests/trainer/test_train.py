@@ -5,18 +5,19 @@ import pytest
 import torch
 
 from dypo import task
-from dypo.train import Config, build_model, main, route_groups, train_step
+from dypo.config import Config
+from dypo.data import Problem
+from dypo.train import Queues, Row, Trainer, main, route_groups
 from dypo_kernels import Grade, Route
 
 
-def test_task_rewards_and_teachers():
-    rng = random.Random(0)
-    problem = task.make_problem(rng, 2)
-    for solution in problem.teacher_solutions:  # every teacher is correct, in its own style
-        assert task.exact_match(solution, problem.answer) == 1.0
+def test_task_teachers_are_correct_in_their_own_styles():
+    from dypo.rewards import exact_match
+
+    problem = task.make_problem(random.Random(0), 2)
+    for solution in problem.teacher_solutions:
+        assert exact_match(solution, problem.answer) == 1.0
     assert len(set(problem.teacher_solutions)) == 2
-    assert task.exact_match("12", "13") == 0.0 and task.exact_match("", "1") == 0.0
-    assert task.exact_match("so \\boxed{42} done 7", "42") == 1.0
     tokenizer = task.CharTokenizer()
     assert tokenizer.decode(tokenizer.encode("(3+4)=7") + [task.EOS, 5]) == "(3+4)=7"
 
@@ -36,67 +37,77 @@ def test_routes_follow_grades(strategy, step, expected, plain_grpo):
     assert alpha == (1.0 if plain_grpo else 0.3)
 
 
-def test_step_routes_loss_terms_as_the_grades_say(monkeypatch):
+PROBLEMS = [Problem("1+1=", "2", ["2", "(1+1)=2"]), Problem("2+2=", "4", ["4", "(2+2)=4"]),
+            Problem("3+3=", "6", ["6", "(3+3)=6"])]
+
+
+def forced_trainer(monkeypatch, **options):
     """Rollouts forced to: prompt 0 all right (easy), prompt 1 half right (mid), prompt 2 all wrong (hard)."""
-    config = Config(num_generations=4, prompts_per_step=3, max_new_tokens=6)
-    tokenizer = task.CharTokenizer()
-    torch.manual_seed(0)
-    model = build_model(config, tokenizer.vocab_size)
-    reference = build_model(config, tokenizer.vocab_size).requires_grad_(False)
-    problems = [task.Problem("1+1=", "2", ["2", "(1+1)=2"]), task.Problem("2+2=", "4", ["4", "(2+2)=4"]),
-                task.Problem("3+3=", "6", ["6", "(3+3)=6"])]
+    options = {"num_generations": 4, "prompts_per_step": 3, "max_new_tokens": 6, "train_batch_size": 2, **options}
+    trainer = Trainer(Config(**options))
     forced = ["2"] * 4 + ["4", "5", "4", "5"] + ["1"] * 4
-    monkeypatch.setattr("dypo.train.generate", lambda *args, **kwargs: list(forced))
-    before = [p.detach().clone() for p in model.parameters()]
-    metrics = train_step(model, reference, torch.optim.SGD(model.parameters(), lr=0.1), tokenizer, problems, config,
-                         step=0, rng=random.Random(0))
+    monkeypatch.setattr("dypo.policy.generate", lambda *args, **kwargs: [trainer.codec.solution_ids(t)
+                                                                         for t in forced])
+    monkeypatch.setattr(trainer.source, "next", lambda count: PROBLEMS)
+    return trainer
+
+
+def test_step_routes_loss_terms_as_the_grades_say(monkeypatch):
+    trainer = forced_trainer(monkeypatch, beta=0.1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics, _ = trainer.train_step(0)
     assert (metrics["share_easy"], metrics["share_mid"], metrics["share_hard"]) == pytest.approx((1 / 3,) * 3)
+    assert metrics["offline_ratio"] == 0.5 and metrics["updates"] == 1 and metrics["queued_prompts"] == 0
     assert metrics["num_prompts_rl"] == 1 and metrics["num_prompts_sft"] == 1
     assert metrics["loss_sft"] > 0 and metrics["num_pairs"] == 4  # 2 successes x 2 failures in the mid group
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert metrics["mean_kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
+    assert metrics["clip_fraction_low"] == 0.0 and metrics["grad_norm"] > 0 and metrics["train_tokens"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_rollouts_carry_their_logprobs_and_advantages(monkeypatch):
+    trainer = forced_trainer(monkeypatch, train_batch_size=8)  # nothing fires: the groups stay queued
+    trainer.train_step(0)
+    sft, rl = trainer.queues.groups[Route.SFT], trainer.queues.groups[Route.RL]
+    assert [g.route for g in rl] == [Route.RL] and [g.route for g in sft] == [Route.SFT]
+    assert [row.advantage > 0 for row in rl[0].rows] == [True, False, True, False]
+    for row in rl[0].rows:
+        assert len(row.old_logps) == len(row.ids) - row.prompt_length == len(row.ref_logps)
+        assert row.old_logps == pytest.approx(row.ref_logps, abs=1e-5)  # the reference is the initial policy
+    assert len(sft[0].rows) == 1 and sft[0].rows[0].old_logps is None
+
+
+def test_all_teachers_option_trains_on_every_solution(monkeypatch):
+    trainer = forced_trainer(monkeypatch, train_batch_size=8, sft_teachers="all")
+    trainer.train_step(0)
+    (hard,) = trainer.queues.groups[Route.SFT]
+    completions = {trainer.codec.text(row.ids[row.prompt_length:]) for row in hard.rows}
+    assert completions == {"6", "(3+3)=6"}
+
+
+def test_queues_fire_in_arrival_order_and_survive_a_round_trip():
+    queues = Queues()
+    for step, route in enumerate([Route.SFT, Route.RL, Route.RL, Route.SFT]):
+        queues.push(step, route, [Row([1, 2, 3], 2, 1.0, 0.5, [-0.1], [-0.2])])
+    restored = Queues.from_state(json.loads(json.dumps(queues.state())))
+    assert restored.state() == queues.state()
+    assert [g.step for g in restored.pop_batch(3)] == [0, 1, 2] and len(restored) == 1
 
 
 def test_a_short_run_writes_its_run_directory(tmp_path):
-    summary = main(["--max_steps", "3", "--logging_steps", "1", "--eval_prompts", "4", "--output_dir",
-                    str(tmp_path / "run")])
+    summary = main(["--max_steps", "4", "--logging_steps", "2", "--sample_steps", "2", "--save_steps", "2",
+                    "--eval_prompts", "4", "--output_dir", str(tmp_path / "run")])
     run = tmp_path / "run"
-    assert json.loads((run / "config.json").read_text())["max_steps"] == 3
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 4
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1, 2]
-    assert {"reward_mean", "share_hard", "offline_ratio", "loss"} <= set(lines[0])
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert {"reward_mean", "share_hard", "share_mid", "share_easy", "offline_ratio", "entropy", "loss", "grad_norm",
+            "tokens_per_second", "step_seconds", "peak_memory_mb", "updates"} <= set(lines[0])
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 4 + [3] * 4 and {"prompt", "completion", "reward"} <= set(samples[0])
     assert {"eval_accuracy_before", "eval_accuracy_after", "steps", "reward_curve", "hard_share_curve"} <= set(summary)
-    assert len(summary["reward_curve"]) == 3  # one value per logging interval
-
-
-def test_unknown_strategy_is_a_one_line_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--strategy", "ppo"])
-    assert exit_info.value.code == 2
-    assert "strategy" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--alpha", "2"], "alpha must lie in [0, 1]"),
-    (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
-    (["--max_steps", "0"], "max_steps must be a positive integer"),
-    (["--no_such_option", "1"], "unrecognized arguments"),
-])
-def test_bad_options_are_one_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
-
-
-def test_yaml_config_then_options(tmp_path, capsys):
-    from dypo.train import parse_config
-
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text("alpha: 0.25\nmax_steps: 7\n")
-    config = parse_config(["--config", str(config_file), "--max_steps", "9"])
-    assert (config.alpha, config.max_steps) == (0.25, 9)  # the command line wins over the file
-    config_file.write_text("alpah: 0.25\n")
-    with pytest.raises(SystemExit) as exit_info:
-        parse_config(["--config", str(config_file)])
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "unknown key 'alpah'" in error and "alpha" in error
+    assert len(summary["reward_curve"]) == 2  # one value per logging interval
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    if summary["plots"]:
+        for name in ("reward.png", "grades.png", "entropy.png", "grad_norm.png"):
+            assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

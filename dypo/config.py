@@ -1,0 +1,183 @@
+"""The trainer's configuration: one dataclass with documented defaults (TRL's names where TRL has the same knob),
+set by a YAML file (``--config``) and ``--key value`` options; bad keys and values end the run with one line and
+exit status 2."""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
+SCHEDULES = ("constant", "linear", "cosine")
+SFT_TEACHERS = ("one", "all")
+SWITCHES = ("auto", "true", "false")
+
+
+def option(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class Config:
+    """Defaults: the embedded run (a tiny model on built-in additions, on a CPU in about a minute). For real models
+    the paper's values are alpha 0.5, beta_gal 1, num_generations 8, learning_rate 1e-6."""
+
+    # run
+    output_dir: str = option("runs/dypo-tiny", "run directory (config, metrics, samples, plots, checkpoints)")
+    strategy: str = option("dypo", f"one of {', '.join(STRATEGIES)}")
+    max_steps: int = option(1500, "generation steps (each: prompts_per_step prompts x num_generations rollouts)")
+    seed: int = option(0, "seed of the data order, sampling and initialisation")
+    logging_steps: int = option(150, "steps per progress line (and per point of the summary's curves)")
+    save_steps: int = option(500, "steps between checkpoints (the last step is always saved)")
+    save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
+    sample_steps: int = option(150, "steps between writes of sample completions to samples.jsonl")
+    num_samples: int = option(4, "completions written each time")
+    # model
+    model: str = option("", "local Hugging Face causal LM directory; empty: the embedded tiny Qwen2")
+    hidden_size: int = option(64, "embedded model only: hidden size")
+    num_layers: int = option(2, "embedded model only: decoder layers")
+    bf16: str = option("auto", "bf16 autocast: auto (on when CUDA supports it), true, false")
+    attn_implementation: str = option("auto", "auto (flash_attention_2 when flash-attn is installed on CUDA, "
+                                              "else sdpa), or any transformers value: eager, sdpa, flash_attention_2")
+    use_liger_kernel: str = option("auto", "Liger-Kernel's RMSNorm/SwiGLU/RoPE patches: auto (on CUDA when "
+                                           "installed and the architecture has them), true, false")
+    # data and reward
+    data: str = option("", "JSONL or Parquet file of prompts; empty: the built-in addition task")
+    prompt_field: str = option("prompt", "data field of the prompt (a string or a list of chat messages)")
+    answer_field: str = option("reward_model.ground_truth", "data field of the ground-truth answer (dots go into "
+                                                            "nested records)")
+    teachers_field: str = option("target", "data field of the teacher solutions (a list of strings or of "
+                                           "messages with a content)")
+    eval_data: str = option("", "file of evaluation prompts (same fields); empty: eval_prompts held out of --data "
+                                "(or drawn from the built-in task)")
+    eval_prompts: int = option(64, "evaluation prompts (greedy decoding, before and after training)")
+    max_digits: int = option(2, "built-in task only: most digits per operand")
+    reward: str = option("", "module:function called as f(prompts, completions, ground_truth=...) -> floats; "
+                             "empty: exact match of the final answer (last number, or \\boxed{} content)")
+    # rollouts
+    num_generations: int = option(8, "rollouts per prompt (k)")
+    prompts_per_step: int = option(8, "prompts sampled per step")
+    max_new_tokens: int = option(10, "rollout length limit")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    # update
+    train_batch_size: int = option(8, "prompts per update: an update fires whenever the SFT and RL queues "
+                                      "together hold this many")
+    learning_rate: float = option(3e-3, "AdamW learning rate (tiny model; the paper's 1e-6 is for real models)")
+    lr_scheduler_type: str = option("constant", f"one of {', '.join(SCHEDULES)} (after warmup)")
+    warmup_ratio: float = option(0.0, "share of max_steps with a linear warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    alpha: float = option(0.5, "mid prompts: alpha GRPO + (1 - alpha) GAL")
+    gamma: float = option(1.0, "weight of the SFT term of hard prompts")
+    beta_gal: float = option(1.0, "GAL sharpness beta_GAL")
+    beta: float = option(0.0, "k3 KL to the reference model (beta_kl)")
+    epsilon: float = option(0.2, "lower clip range")
+    epsilon_high: float = option(0.2, "upper clip range")
+    loss_type: str = option("grpo", "token aggregation: grpo, bnpo, dapo, dr_grpo")
+    scale_rewards: str = option("group", "advantage scaling: group, batch, none (Dr.GRPO)")
+    switch_gate: int = option(0, "plain GRPO before this step (DYPO's routing after)")
+    sft_teachers: str = option("one", "hard prompts: SFT on one teacher solution drawn uniformly, or on all")
+
+
+def _check(config: Config, fail):
+    from dypo_kernels.advantages import SCALES
+    from dypo_kernels.sweep import LOSS_TYPES
+
+    choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
+               "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
+               "use_liger_kernel": SWITCHES}
+    for name, valid in choices.items():
+        if getattr(config, name) not in valid:
+            fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")
+    for name in ("max_steps", "num_generations", "prompts_per_step", "max_digits", "max_new_tokens", "logging_steps",
+                 "eval_prompts", "hidden_size", "num_layers", "save_steps", "save_total_limit", "sample_steps",
+                 "train_batch_size"):
+        if getattr(config, name) < 1:
+            fail(f"{name} must be a positive integer; got {getattr(config, name)}")
+    for name in ("learning_rate", "temperature"):
+        if not getattr(config, name) > 0:
+            fail(f"{name} must be positive; got {getattr(config, name)}")
+    for name in ("alpha", "warmup_ratio"):
+        if not 0 <= getattr(config, name) <= 1:
+            fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")
+    if not 0 <= config.epsilon < 1:
+        fail(f"epsilon must lie in [0, 1); got {config.epsilon}")
+    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "max_grad_norm", "weight_decay",
+                 "num_samples"):
+        if getattr(config, name) < 0:
+            fail(f"{name} must be >= 0; got {getattr(config, name)}")
+    if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):
+        fail(f"reward must look like module:function; got {config.reward!r}")
+    valid_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+    if config.attn_implementation not in valid_attention:
+        fail(f"attn_implementation must be one of {', '.join(valid_attention)}; got {config.attn_implementation!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options end the run with one line naming the problem and exit status 2, without the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _typed(field, value, source, fail):
+    wrong = isinstance(value, bool) and field.type is not str or \
+        field.type is int and isinstance(value, float) and not value.is_integer() or \
+        field.type is not str and isinstance(value, (list, dict))
+    if not wrong:
+        try:
+            return field.type(value)
+        except (TypeError, ValueError):
+            pass
+    fail(f"{field.name} in {source} must be a {field.type.__name__}; got {value!r}")
+
+
+def parse_config(argv, description=None):
+    """(Config, resume run directory or None) from the defaults, then ``--resume``'s saved config or a YAML file
+    (``--config``), then ``--key value`` options."""
+    parser = OneLineParser(prog="python -m dypo.train", description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                            "(its saved config; options given here override it)")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    for field in fields.values():
+        parser.add_argument(f"--{field.name}", type=field.type, default=None,
+                            help=f"{field.metadata['help']} (default: {field.default!r})")
+    options = vars(parser.parse_args(argv))
+    config_file, resume = options.pop("config"), options.pop("resume")
+    if config_file is not None and resume is not None:
+        parser.error("--config and --resume exclude each other (a resumed run keeps its saved config)")
+    values = {}
+    if resume is not None:
+        saved = Path(resume) / "config.json"
+        if not saved.is_file():
+            parser.error(f"--resume {resume}: no run directory there (missing {saved})")
+        try:
+            loaded = json.loads(saved.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--resume {resume}: cannot read {saved}: {exc}")
+        source = str(saved)
+    elif config_file is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"cannot read --config {config_file}: {exc}".replace("\n", " "))
+        source = config_file
+    else:
+        loaded, source = {}, None
+    if not isinstance(loaded, dict):
+        parser.error(f"{source} must hold a mapping of option: value")
+    unknown = sorted(set(loaded) - set(fields))
+    if unknown:
+        parser.error(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(fields)}")
+    for key, value in loaded.items():
+        values[key] = _typed(fields[key], value, source, parser.error)
+    values.update({key: value for key, value in options.items() if value is not None})
+    if resume is not None:
+        values["output_dir"] = str(resume)
+    config = Config(**values)
+    _check(config, parser.error)
+    return config, (Path(resume) if resume is not None else None)

@@ -1,0 +1,186 @@
+"""The policy: the embedded tiny Qwen2 or a local Hugging Face causal LM directory, its tokenizer as a Codec, the
+device and the optional GPU features (bf16 autocast, flash-attn, Liger-Kernel's patches), and the two ways the
+trainer runs it: generation, and a forward to the last hidden states (the fused losses take lm_head.weight, so no
+[batch, tokens, vocab] logits are built)."""
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+
+from dypo import task
+
+
+class ModelError(ValueError):
+    """A --model directory or GPU option that cannot be used; the message names it."""
+
+
+class CharCodec:
+    """The embedded character tokenizer: BOS + prompt; solutions end with EOS."""
+
+    def __init__(self):
+        self.tokenizer = task.CharTokenizer()
+        self.eos_id, self.pad_id = task.EOS, task.PAD
+
+    def prompt_ids(self, prompt) -> List[int]:
+        if not isinstance(prompt, str) or set(prompt) - set(task.CHARACTERS):
+            raise ModelError(f"the embedded model's tokenizer only knows {task.CHARACTERS!r}; got the prompt "
+                             f"{prompt!r} (use --model with --data)")
+        return [task.BOS] + self.tokenizer.encode(prompt)
+
+    def solution_ids(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text) + [task.EOS]
+
+    def text(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+class HFCodec:
+    """A Hugging Face tokenizer; prompts go through its chat template when it has one (a plain string prompt
+    becomes one user message), solutions are the assistant text followed by EOS."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ModelError("the tokenizer has no eos_token: rollouts could not stop")
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt) -> List[int]:
+        if self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        return self.tokenizer(text)["input_ids"]
+
+    def solution_ids(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def text(self, ids) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class Runtime:
+    """Where and how the policy runs: the device, the autocast dtype (None: full precision), the attention
+    implementation and whether Liger-Kernel's patches were applied."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype = None
+    attn_implementation: str = "sdpa"
+    liger: bool = False
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(config) -> Runtime:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = config.bf16 == "true" or (config.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
+    attention = config.attn_implementation
+    if attention == "auto":
+        attention = "flash_attention_2" if cuda and bf16 and importlib.util.find_spec("flash_attn") else "sdpa"
+    elif attention.startswith("flash_attention") and not cuda:
+        raise ModelError(f"attn_implementation {attention} needs CUDA; this machine has none")
+    if config.use_liger_kernel == "true" and not cuda:
+        raise ModelError("use_liger_kernel true needs CUDA (Liger-Kernel's kernels are Triton); this machine has none")
+    return Runtime(device, torch.bfloat16 if bf16 else None, attention, config.use_liger_kernel == "true")
+
+
+def _tiny_model(config, vocab_size, attention):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model_config = Qwen2Config(vocab_size=vocab_size, hidden_size=config.hidden_size,
+                               intermediate_size=2 * config.hidden_size, num_hidden_layers=config.num_layers,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               tie_word_embeddings=False, pad_token_id=task.PAD, bos_token_id=task.BOS,
+                               eos_token_id=task.EOS, attn_implementation=attention)
+    return Qwen2ForCausalLM(model_config)
+
+
+def _pretrained(directory, attention):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"--model {directory}: not a Hugging Face model directory (no config.json there); "
+                         "nothing is downloaded, give a local directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=attention)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"--model {directory}: cannot load it ({str(exc).splitlines()[0]})") from None
+    for unsupported in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, unsupported, None) not in (None, 1.0):
+            raise ModelError(f"--model {directory}: {unsupported} is not supported by the fused losses")
+    return model, HFCodec(tokenizer)
+
+
+def _apply_liger(model, runtime, config):
+    if not runtime.device.type == "cuda" or config.use_liger_kernel == "false":
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        if config.use_liger_kernel == "true":
+            raise ModelError("use_liger_kernel true: liger-kernel is not installed") from None
+        return False
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if config.use_liger_kernel == "true":
+            raise ModelError(f"use_liger_kernel true: Liger-Kernel has no patches for {model.config.model_type}")
+        return False
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+def load_policy(config):
+    """(model on its device, Codec, Runtime) for the config's --model, or the embedded tiny model."""
+    runtime = resolve_runtime(config)
+    if config.model:
+        model, codec = _pretrained(config.model, runtime.attn_implementation)
+    else:
+        codec = CharCodec()
+        model = _tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
+    runtime.liger = _apply_liger(model, runtime, config)
+    return model.to(runtime.device), codec, runtime
+
+
+def last_hidden(model, ids, attention_mask, runtime):
+    """The decoder's last hidden states [B, L, D] (the lm_head is not applied)."""
+    with runtime.autocast():
+        return model.get_decoder()(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+
+
+def lm_head(model):
+    """(weight [V, D], bias [V] or None) of the output projection."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+@torch.no_grad()
+def generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False):
+    """Completion token ids of each prompt (through its first EOS, which is kept)."""
+    width = max(map(len, prompt_ids))
+    ids = torch.tensor([[codec.pad_id] * (width - len(p)) + p for p in prompt_ids], device=runtime.device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=runtime.device)
+    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    with runtime.autocast():
+        out = model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=codec.eos_id,
+                             pad_token_id=codec.pad_id, **({"do_sample": False} if greedy else sampling))
+    completions = []
+    for row in out[:, width:].tolist():
+        completions.append(row[:row.index(codec.eos_id) + 1] if codec.eos_id in row else row)
+    return completions

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from dypo.config import Config, parse_config
+from dypo.train import main
+
+
+def test_defaults_then_yaml_then_options(tmp_path):
+    config, resume = parse_config([])
+    assert config == Config() and resume is None
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("alpha: 0.25\nmax_steps: 7\nsft_teachers: all\n")
+    config, _ = parse_config(["--config", str(config_file), "--max_steps", "9"])
+    assert (config.alpha, config.max_steps, config.sft_teachers) == (0.25, 9, "all")  # the command line wins
+
+
+def test_resume_takes_the_saved_config_and_overrides(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"alpha": 0.3, "max_steps": 5, "output_dir": "elsewhere"}))
+    config, resume = parse_config(["--resume", str(run), "--max_steps", "8"])
+    assert (config.alpha, config.max_steps, config.output_dir, resume) == (0.3, 8, str(run), run)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--strategy", "ppo"], "strategy must be one of dypo, grpo, sft, sft_then_rl; got 'ppo'"),
+    (["--alpha", "2"], "alpha must lie in [0, 1]"),
+    (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
+    (["--scale_rewards", "std"], "scale_rewards must be one of group, batch, none"),
+    (["--max_steps", "0"], "max_steps must be a positive integer"),
+    (["--epsilon", "1"], "epsilon must lie in [0, 1)"),
+    (["--reward", "no_colon"], "reward must look like module:function"),
+    (["--bf16", "yes"], "bf16 must be one of auto, true, false"),
+    (["--learning_rate", "fast"], "argument --learning_rate: invalid float value"),
+    (["--no_such_option", "1"], "unrecognized arguments"),
+    (["--resume", "/no/such/run"], "--resume /no/such/run: no run directory there"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("alpah: 0.25\n", "unknown key 'alpah'"),
+    ("max_steps: 1.5\n", "max_steps in"),
+    ("alpha: true\n", "alpha in"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+    ("alpha: [0.5\n", "cannot read --config"),
+])
+def test_bad_yaml_files_are_one_line_errors(tmp_path, text, message, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--config", str(config_file)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name in ("--output_dir", "--max_steps", "--num_generations", "--beta", "--epsilon_high", "--loss_type",
+                 "--scale_rewards", "--logging_steps", "--save_steps", "--resume", "--model", "--data", "--reward"):
+        assert name in text
+    assert "default: 1500" in text

@@ -1,0 +1,90 @@
+"""--model with a local Hugging Face directory (a tiny Qwen2 and a character-level fast tokenizer with a chat
+template, built here: nothing is downloaded) and --data in LUFFY's format."""
+
+import json
+
+import pytest
+import torch
+
+from dypo.config import Config
+from dypo.policy import HFCodec, ModelError, resolve_runtime
+from dypo.train import main
+
+CHARACTERS = "0123456789+=?();:abcdefghijklmnopqrstuvwxyz\\{}"
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}" \
+           "{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARACTERS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_codec_uses_the_chat_template(model_dir):
+    from transformers import AutoTokenizer
+
+    codec = HFCodec(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+    prompt = codec.prompt_ids([{"role": "user", "content": "1+2=?"}])
+    assert codec.tokenizer.decode(prompt) == "user:1+2=?;assistant:"
+    assert codec.prompt_ids("1+2=?") == prompt  # a plain prompt becomes one user message
+    solution = codec.solution_ids("3")
+    assert solution[-1] == codec.eos_id and codec.text(solution + [5, 6]) == "3"
+
+
+def test_a_local_model_trains_on_a_luffy_style_file(model_dir, tmp_path):
+    records = [{"prompt": [{"role": "user", "content": f"{a}+{b}=?"}], "reward_model": {"ground_truth": str(a + b)},
+                "target": [{"role": "assistant", "content": f"\\boxed{{{a + b}}}"}]} for a in range(4) for b in range(4)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "run"
+    summary = main(["--model", str(model_dir), "--data", str(data), "--max_steps", "3", "--eval_prompts", "4",
+                    "--num_generations", "4", "--prompts_per_step", "2", "--train_batch_size", "2",
+                    "--max_new_tokens", "6", "--learning_rate", "1e-3", "--output_dir", str(run)])
+    assert summary["steps"] == 3 and summary["eval_prompts"] == 4
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(line["updates"] for line in lines) >= 1
+    assert (run / "final_model" / "config.json").is_file() and (run / "final_model" / "tokenizer.json").is_file()
+
+
+def test_missing_model_directory_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not a Hugging Face model directory" in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_the_embedded_tokenizer_rejects_text_prompts(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "What is one plus one?", "reward_model": {"ground_truth": "2"},
+                                        "target": ["2"]}) + "\n" for _ in range(3)))
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--eval_prompts", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "r")])
+    assert "use --model with --data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallbacks")
+def test_gpu_features_resolve_off_on_cpu_and_refuse_to_be_forced():
+    runtime = resolve_runtime(Config())
+    assert (runtime.device.type, runtime.autocast_dtype, runtime.attn_implementation) == ("cpu", None, "sdpa")
+    with pytest.raises(ModelError, match="use_liger_kernel true needs CUDA"):
+        resolve_runtime(Config(use_liger_kernel="true"))
+    with pytest.raises(ModelError, match="flash_attention_2 needs CUDA"):
+        resolve_runtime(Config(attn_implementation="flash_attention_2"))
