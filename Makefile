@@ -24,4 +24,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only
 
 train: $(VENV)/.installed
-	$(BIN)/python -m dypo.train
+	$(BIN)/python -m dypo.train --overwrite_output_dir

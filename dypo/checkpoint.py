@@ -36,10 +36,19 @@ def rng_states():
 
 
 def checkpoints(run_dir: Path):
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first (a directory missing one of the files, which no kill of this
+    module's writes can leave behind, is passed over)."""
     found = [(int(NAME.match(p.name).group(1)), p) for p in Path(run_dir).iterdir()
-             if p.is_dir() and NAME.match(p.name)]
+             if p.is_dir() and NAME.match(p.name) and all((p / name).is_file() for name in FILES)]
     return [path for _, path in sorted(found)]
+
+
+def _delete(path: Path):
+    """Rename out of the checkpoint namespace first, so a kill mid-delete leaves no partial checkpoint-N."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int):
@@ -57,11 +66,11 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: d
         _fsync(temporary / name)
     _fsync(temporary)
     if final.exists():
-        shutil.rmtree(final)
+        _delete(final)
     os.rename(temporary, final)
     _fsync(run_dir)
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        _delete(old)
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:

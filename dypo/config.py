@@ -5,16 +5,20 @@ exit status 2."""
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
 SCHEDULES = ("constant", "linear", "cosine")
 SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
+# what --resume may change: how long the run goes on and what it logs, not what it computes
+RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
+             "output_dir")
 
 
-def option(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help, switch=False):
+    return dataclasses.field(default=default, metadata={"help": help, "switch": switch})
 
 
 @dataclasses.dataclass
@@ -36,11 +40,13 @@ class Config:
     model: str = option("", "local Hugging Face causal LM directory; empty: the embedded tiny Qwen2")
     hidden_size: int = option(64, "embedded model only: hidden size")
     num_layers: int = option(2, "embedded model only: decoder layers")
-    bf16: str = option("auto", "bf16 autocast: auto (on when CUDA supports it), true, false")
+    bf16: str = option("auto", "bf16 autocast: auto (on when CUDA supports it), true, false",
+                       switch=True)
     attn_implementation: str = option("auto", "auto (flash_attention_2 when flash-attn is installed on CUDA, "
                                               "else sdpa), or any transformers value: eager, sdpa, flash_attention_2")
     use_liger_kernel: str = option("auto", "Liger-Kernel's RMSNorm/SwiGLU/RoPE patches: auto (on CUDA when "
-                                           "installed and the architecture has them), true, false")
+                                           "installed and the architecture has them), true, false",
+                                   switch=True)
     # data and reward
     data: str = option("", "JSONL or Parquet file of prompts; empty: the built-in addition task")
     prompt_field: str = option("prompt", "data field of the prompt (a string or a list of chat messages)")
@@ -94,7 +100,10 @@ def _check(config: Config, fail):
                  "train_batch_size"):
         if getattr(config, name) < 1:
             fail(f"{name} must be a positive integer; got {getattr(config, name)}")
-    for name in ("learning_rate", "temperature"):
+    for field in dataclasses.fields(config):
+        if field.type is float and not math.isfinite(getattr(config, field.name)):
+            fail(f"{field.name} must be a finite number; got {getattr(config, field.name)}")
+    for name in ("learning_rate", "temperature", "max_grad_norm"):
         if not getattr(config, name) > 0:
             fail(f"{name} must be positive; got {getattr(config, name)}")
     for name in ("alpha", "warmup_ratio"):
@@ -102,12 +111,13 @@ def _check(config: Config, fail):
             fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")
     if not 0 <= config.epsilon < 1:
         fail(f"epsilon must lie in [0, 1); got {config.epsilon}")
-    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "max_grad_norm", "weight_decay",
-                 "num_samples"):
+    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "weight_decay", "num_samples"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):
         fail(f"reward must look like module:function; got {config.reward!r}")
+    if config.eval_data and not config.data:
+        fail("eval_data needs data (the built-in task draws its own evaluation prompts)")
     valid_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
     if config.attn_implementation not in valid_attention:
         fail(f"attn_implementation must be one of {', '.join(valid_attention)}; got {config.attn_implementation!r}")
@@ -121,6 +131,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _typed(field, value, source, fail):
+    if isinstance(value, bool) and field.metadata.get("switch"):
+        return "true" if value else "false"  # YAML reads true/false as booleans
     wrong = isinstance(value, bool) and field.type is not str or \
         field.type is int and isinstance(value, float) and not value.is_integer() or \
         field.type is not str and isinstance(value, (list, dict))
@@ -139,13 +151,17 @@ def parse_config(argv, description=None):
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                                                            "(its saved config; options given here override it)")
+                                                            f"with its saved config (only {', '.join(RESUMABLE[:-1])} "
+                                                            "may be given again)")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="start afresh in an output_dir that holds a run (its checkpoints and logs are deleted)")
     fields = {field.name: field for field in dataclasses.fields(Config)}
     for field in fields.values():
         parser.add_argument(f"--{field.name}", type=field.type, default=None,
                             help=f"{field.metadata['help']} (default: {field.default!r})")
     options = vars(parser.parse_args(argv))
     config_file, resume = options.pop("config"), options.pop("resume")
+    overwrite = options.pop("overwrite_output_dir")
     if config_file is not None and resume is not None:
         parser.error("--config and --resume exclude each other (a resumed run keeps its saved config)")
     values = {}
@@ -175,9 +191,17 @@ def parse_config(argv, description=None):
         parser.error(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(fields)}")
     for key, value in loaded.items():
         values[key] = _typed(fields[key], value, source, parser.error)
-    values.update({key: value for key, value in options.items() if value is not None})
+    given = {key: value for key, value in options.items() if value is not None}
     if resume is not None:
-        values["output_dir"] = str(resume)
+        changed = sorted(key for key, value in given.items() if key not in RESUMABLE and value != values.get(
+            key, fields[key].default))
+        if changed:
+            parser.error(f"--resume keeps the run's config; {changed[0]} cannot change (only "
+                         f"{', '.join(RESUMABLE[:-1])} can)")
+        if overwrite:
+            parser.error("--resume and --overwrite_output_dir exclude each other")
+        given["output_dir"] = str(resume)
+    values.update(given)
     config = Config(**values)
     _check(config, parser.error)
-    return config, (Path(resume) if resume is not None else None)
+    return config, (Path(resume) if resume is not None else None), overwrite

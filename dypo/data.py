@@ -3,7 +3,7 @@ a list of teacher solutions per record, under configurable field names (defaults
 ``reward_model.ground_truth``, ``target``). Every problem of a file is reported before any training starts."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Union
 
@@ -19,6 +19,7 @@ class Problem:
     prompt: Prompt
     answer: str
     teacher_solutions: List[str]
+    source: str = field(default="", compare=False)  # "--data FILE: record N", for error messages
 
 
 def _records(path: Path, option: str):
@@ -100,5 +101,5 @@ def load_problems(path, *, prompt_field="prompt", answer_field="reward_model.gro
         problems.append(Problem(prompt=_prompt(_field(record, prompt_field, where, "prompt_field"), where),
                                 answer=str(answer),
                                 teacher_solutions=_solutions(_field(record, teachers_field, where, "teachers_field"),
-                                                             where)))
+                                                             where), source=where))
     return problems

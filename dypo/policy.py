@@ -24,15 +24,19 @@ class CharCodec:
     def __init__(self):
         self.tokenizer = task.CharTokenizer()
         self.eos_id, self.pad_id = task.EOS, task.PAD
+        self.eos_ids = [task.EOS]
+
+    def _encode(self, text):
+        if not isinstance(text, str) or set(text) - set(task.CHARACTERS):
+            raise ModelError(f"the embedded model's tokenizer only knows {task.CHARACTERS!r}; got {text!r} (use "
+                             "--model with --data)")
+        return self.tokenizer.encode(text)
 
     def prompt_ids(self, prompt) -> List[int]:
-        if not isinstance(prompt, str) or set(prompt) - set(task.CHARACTERS):
-            raise ModelError(f"the embedded model's tokenizer only knows {task.CHARACTERS!r}; got the prompt "
-                             f"{prompt!r} (use --model with --data)")
-        return [task.BOS] + self.tokenizer.encode(prompt)
+        return [task.BOS] + self._encode(prompt)
 
     def solution_ids(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text) + [task.EOS]
+        return self._encode(text) + [task.EOS]
 
     def text(self, ids) -> str:
         return self.tokenizer.decode(ids)
@@ -40,13 +44,15 @@ class CharCodec:
 
 class HFCodec:
     """A Hugging Face tokenizer; prompts go through its chat template when it has one (a plain string prompt
-    becomes one user message), solutions are the assistant text followed by EOS."""
+    becomes one user message), solutions are the assistant text followed by EOS. Rollouts stop at the tokenizer's
+    EOS or any of the model's generation EOS ids (``extra_eos_ids``)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, extra_eos_ids=()):
         if tokenizer.eos_token_id is None:
             raise ModelError("the tokenizer has no eos_token: rollouts could not stop")
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
+        self.eos_ids = [self.eos_id] + [i for i in extra_eos_ids if i != self.eos_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def prompt_ids(self, prompt) -> List[int]:
@@ -61,10 +67,16 @@ class HFCodec:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def text(self, ids) -> str:
-        ids = list(ids)
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(until_eos(ids, self.eos_ids, keep=False), skip_special_tokens=True)
+
+
+def until_eos(ids, eos_ids, keep=True):
+    """ids up to the first EOS (kept or not)."""
+    ids = list(ids)
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:position + 1] if keep else ids[:position]
+    return ids
 
 
 @dataclass
@@ -119,12 +131,26 @@ def _pretrained(directory, attention):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                                      attn_implementation=attention)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(f"--model {directory}: cannot load it ({str(exc).splitlines()[0]})") from None
-    for unsupported in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, unsupported, None) not in (None, 1.0):
-            raise ModelError(f"--model {directory}: {unsupported} is not supported by the fused losses")
-    return model, HFCodec(tokenizer)
+    except Exception as exc:  # transformers, safetensors and tokenizers raise many unrelated types here
+        raise ModelError(f"--model {directory}: cannot load it ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+                         ) from None
+    eos = model.generation_config.eos_token_id
+    return model, HFCodec(tokenizer, eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+@torch.no_grad()
+def _check_head(model, directory, runtime):
+    """The fused losses compute lm_head(last hidden state); refuse models whose logits are anything else (soft
+    capping, logit scaling, multipliers), checked on a few tokens."""
+    ids = torch.arange(8, device=runtime.device).remainder(model.config.vocab_size).unsqueeze(0)
+    weight, bias = lm_head(model)
+    with runtime.autocast():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        projected = torch.nn.functional.linear(hidden, weight, bias).float()
+    if not torch.allclose(logits, projected, rtol=1e-3, atol=1e-3 * (1 + projected.abs().max().item())):
+        raise ModelError(f"--model {directory}: its logits are not lm_head(last hidden state) (a scaled or "
+                         "soft-capped output head?); the fused losses do not support it")
 
 
 def _apply_liger(model, runtime, config):
@@ -155,13 +181,16 @@ def load_policy(config):
         codec = CharCodec()
         model = _tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
     runtime.liger = _apply_liger(model, runtime, config)
-    return model.to(runtime.device), codec, runtime
+    model.to(runtime.device)
+    if config.model:
+        _check_head(model, config.model, runtime)
+    return model, codec, runtime
 
 
 def last_hidden(model, ids, attention_mask, runtime):
     """The decoder's last hidden states [B, L, D] (the lm_head is not applied)."""
     with runtime.autocast():
-        return model.get_decoder()(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        return model.get_decoder()(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def lm_head(model):
@@ -172,15 +201,24 @@ def lm_head(model):
 
 @torch.no_grad()
 def generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False):
-    """Completion token ids of each prompt (through its first EOS, which is kept)."""
+    """Completion token ids of each prompt (through its first EOS, which is kept). Sampling is from
+    softmax(logits / temperature) alone: a fresh generation config replaces the model's, whose repetition
+    penalties, top-k/top-p and the like would make the rollouts come from another distribution than the one the
+    losses' log-probs describe."""
+    from transformers import GenerationConfig
+
     width = max(map(len, prompt_ids))
     ids = torch.tensor([[codec.pad_id] * (width - len(p)) + p for p in prompt_ids], device=runtime.device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=runtime.device)
-    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    with runtime.autocast():
-        out = model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=codec.eos_id,
-                             pad_token_id=codec.pad_id, **({"do_sample": False} if greedy else sampling))
-    completions = []
-    for row in out[:, width:].tolist():
-        completions.append(row[:row.index(codec.eos_id) + 1] if codec.eos_id in row else row)
-    return completions
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
+                                                    "top_p": 1.0}
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=codec.eos_ids,
+                                  pad_token_id=codec.pad_id, **sampling)
+    # swapped in rather than passed: generate() fills a passed config's default-valued fields from the model's
+    model_defaults, model.generation_config = model.generation_config, generation
+    try:
+        with runtime.autocast():
+            out = model.generate(ids, attention_mask=attention)
+    finally:
+        model.generation_config = model_defaults
+    return [until_eos(row, codec.eos_ids) for row in out[:, width:].tolist()]

@@ -10,18 +10,60 @@ class RewardError(ValueError):
     """A reward function that cannot be loaded or returned something other than one float per completion."""
 
 
+def boxed_content(text: str):
+    r"""The content of the last \boxed{...} (nested braces included), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, position = 1, start + len("\\boxed{")
+    for index in range(position, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[position:index]
+    return None
+
+
 def final_answer(completion: str):
-    """The last integer of a completion, or None (also takes the content of a trailing \\boxed{...})."""
-    boxed = re.findall(r"\\boxed\{([^}]*)\}", completion)
-    text = boxed[-1] if boxed else completion
-    numbers_found = re.findall(r"-?\d+", text)
-    return numbers_found[-1] if numbers_found else None
+    r"""The content of the last \boxed{...}, else the last number of a completion, else None."""
+    content = boxed_content(completion)
+    if content is not None:
+        return content.strip()
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def _normalized(text: str) -> str:
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+                     ("$", ""), (" ", ""), (",", "")):
+        text = text.replace(old, new)
+    return text.rstrip(".")
+
+
+def _number(text: str):
+    r"""The value of an integer, decimal, a/b or \frac{a}{b}, or None."""
+    text = _normalized(text)
+    fraction = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", text) or \
+        re.fullmatch(r"()(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)", text)
+    if fraction:
+        sign, numerator, denominator = fraction.groups()
+        return None if float(denominator) == 0 else (-1 if sign else 1) * float(numerator) / float(denominator)
+    try:
+        return float(text) if re.fullmatch(r"-?\d+(?:\.\d+)?", text) else None
+    except ValueError:
+        return None
 
 
 def exact_match(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer equals the ground truth, else 0.0."""
+    r"""1.0 when the completion's final answer equals the ground truth, else 0.0: as numbers when both read as
+    one (integers, decimals, fractions: "12.0" = "12", "\frac{1}{2}" = "0.5"), else as text without spaces, $ and
+    \left/\right."""
     found = final_answer(completion)
-    return 1.0 if found is not None and found.lstrip("0") == answer.lstrip("0") else 0.0
+    if found is None:
+        return 0.0
+    found_value, answer_value = _number(found), _number(answer)
+    if found_value is not None and answer_value is not None:
+        return 1.0 if math.isclose(found_value, answer_value, rel_tol=1e-9, abs_tol=1e-12) else 0.0
+    return 1.0 if _normalized(found) == _normalized(answer) else 0.0
 
 
 def exact_match_reward(prompts, completions, *, ground_truth, **_):
@@ -37,7 +79,7 @@ def load_reward(spec: str):
     module_name, function_name = spec.split(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # a missing module, or one that fails while it is imported
         raise RewardError(f"--reward {spec}: cannot import {module_name!r} ({exc})") from None
     function = getattr(module, function_name, None)
     if not callable(function):

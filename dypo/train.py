@@ -20,6 +20,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -140,7 +141,8 @@ def load_data(config):
     order = list(range(len(problems)))
     random.Random(config.seed + 1).shuffle(order)
     held_out = set(order[:config.eval_prompts])
-    return ([p for i, p in enumerate(problems) if i not in held_out], [problems[i] for i in order[:config.eval_prompts]])
+    training = [p for i, p in enumerate(problems) if i not in held_out]
+    return training, [problems[i] for i in order[:config.eval_prompts]]
 
 
 def padded_batch(rows, pad_id, device):
@@ -158,11 +160,12 @@ def padded_batch(rows, pad_id, device):
     return ids.to(device), attention.to(device), targets.to(device), mask.to(device)
 
 
-def head_for(model, hidden):
+def head_inputs(model, hidden, runtime):
+    """(hidden, weight, bias) for the fused ops, in the autocast dtype when there is one (the last hidden state
+    comes out of autocast in fp32; the fused kernels accumulate in fp32 either way)."""
     weight, bias = policy.lm_head(model)
-    if weight.dtype != hidden.dtype:
-        weight, bias = weight.to(hidden.dtype), (None if bias is None else bias.to(hidden.dtype))
-    return weight, bias
+    dtype = runtime.autocast_dtype or weight.dtype
+    return hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
 
 
 @torch.no_grad()
@@ -170,8 +173,7 @@ def completion_logprobs(model, rows, codec, runtime, temperature, entropy=False)
     """Per-row log-probs of the completion tokens (lists), from hidden states and the fused op; with ``entropy``
     also the mean policy entropy over those tokens."""
     ids, attention, targets, mask = padded_batch(rows, codec.pad_id, runtime.device)
-    hidden = policy.last_hidden(model, ids, attention, runtime)[:, :-1]
-    weight, bias = head_for(model, hidden)
+    hidden, weight, bias = head_inputs(model, policy.last_hidden(model, ids, attention, runtime)[:, :-1], runtime)
     result = fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -100), bias=bias,
                                    temperature=temperature, return_entropy=entropy)
     logps, token_entropy = result if entropy else (result, None)
@@ -222,16 +224,17 @@ def lr_schedule(config):
 
 
 class Trainer:
-    def __init__(self, config: Config, problems=None):
+    def __init__(self, config: Config, problems=None, reward_function=None):
         self.config = config
+        self.reward_function = reward_function or load_reward(config.reward)
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
         self.model, self.codec, self.runtime = policy.load_policy(config)
+        self.model.eval()  # no dropout, in rollouts and updates alike (TRL's disable_dropout): ratios start at 1
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
-        self.reward_function = load_reward(config.reward)
         self.source = ProblemSource(config, self.rng, problems)
         self.queues = Queues()
         self.step = 0
@@ -255,7 +258,7 @@ class Trainer:
         old_logps, entropy = completion_logprobs(self.model, rows, codec, self.runtime, config.temperature,
                                                  entropy=True)
         rl_rows = [i for g, route in enumerate(routes) if route == Route.RL for i in range(g * k, (g + 1) * k)]
-        if rl_rows and (config.beta > 0 or config.alpha < 1):
+        if rl_rows and (config.beta > 0 or config.strategy == "dypo" and config.alpha < 1):  # KL and GAL use it
             ref_logps = completion_logprobs(self.reference, [rows[i] for i in rl_rows], codec, self.runtime,
                                             config.temperature)
             for i, logps in zip(rl_rows, ref_logps):
@@ -300,8 +303,8 @@ class Trainer:
                     values[i, mask[i]] = torch.tensor(getattr(row, name), device=ids.device)
             return values
 
-        hidden = policy.last_hidden(self.model, ids, attention, self.runtime)[:, :-1]
-        weight, bias = head_for(self.model, hidden)
+        hidden, weight, bias = head_inputs(
+            self.model, policy.last_hidden(self.model, ids, attention, self.runtime)[:, :-1], self.runtime)
         loss, metrics = dypo_loss(hidden, weight, targets, mask=mask, route=route, rewards=rewards,
                                   group_index=group_index, advantages=advantages, old_logps=logps_of("old_logps"),
                                   ref_logps=logps_of("ref_logps"), alpha=alpha, gamma=config.gamma,
@@ -328,9 +331,7 @@ class Trainer:
         started = time.monotonic()
         if self.runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self.model.eval()
         metrics, samples = self.rollout(self.source.next(self.config.prompts_per_step), step)
-        self.model.train()
         updates = []
         while len(self.queues) >= self.config.train_batch_size:
             updates.append(self.update(self.queues.pop_batch(self.config.train_batch_size), step))
@@ -350,7 +351,6 @@ class Trainer:
 
     # evaluation and state -------------------------------------------------------------------------------------
     def evaluate(self, problems):
-        self.model.eval()
         completions = policy.generate(self.model, self.codec, self.runtime,
                                       [self.codec.prompt_ids(p.prompt) for p in problems],
                                       max_new_tokens=self.config.max_new_tokens, temperature=1.0, greedy=True)
@@ -402,17 +402,43 @@ def _progress(total, initial):
 
 
 def main(argv=None):
-    config, resume = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+    config, resume, overwrite = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+    out = Path(config.output_dir)
+    if resume is None and not overwrite and ((out / "config.json").exists() or any(out.glob("checkpoint-*"))):
+        _fail(f"output_dir {out} holds a run: --resume {out} continues it, --overwrite_output_dir starts afresh")
     try:
-        return _run(config, resume)
+        return _run(config, resume, overwrite)
     except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
         _fail(exc)
 
 
-def _run(config: Config, resume: Optional[Path]):
+def check_encodable(codec, problems):
+    """Every prompt and teacher solution through the tokenizer before any training, so that a bad record is an
+    error up front rather than mid-run."""
+    for problem in problems:
+        try:
+            codec.prompt_ids(problem.prompt)
+            for solution in problem.teacher_solutions:
+                codec.solution_ids(solution)
+        except Exception as exc:  # tokenizers and chat templates raise many unrelated types
+            raise DataError(f"{problem.source or 'a prompt'}: cannot be tokenized ({exc})") from None
+
+
+def _clear_run(out: Path):
+    """--overwrite_output_dir: delete what an earlier run left (only the files a run writes)."""
+    for old in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*"), out / "final_model"]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in ("config.json", "metrics.jsonl", "samples.jsonl", "summary.json", *plots.PLOTS):
+        (out / name).unlink(missing_ok=True)
+
+
+def _run(config: Config, resume: Optional[Path], overwrite=False):
     problems, eval_problems = load_data(config)
-    trainer = Trainer(config, problems)
+    trainer = Trainer(config, problems, load_reward(config.reward))
+    check_encodable(trainer.codec, (problems or []) + eval_problems)
     out = Path(config.output_dir)
+    if overwrite:
+        _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = checkpoint.checkpoints(out) if resume else []
     if saved:
@@ -476,7 +502,7 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
     intervals = [history[i:i + config.logging_steps] for i in range(0, len(history), config.logging_steps)]
 
     def curve(key):
-        return [round(_window_mean(window, key), 3) for window in intervals]
+        return [round(_window_mean(window, key), 4) for window in intervals]
 
     summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
                "eval_prompts": eval_prompts, "steps": len(history),

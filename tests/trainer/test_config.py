@@ -7,20 +7,39 @@ from dypo.train import main
 
 
 def test_defaults_then_yaml_then_options(tmp_path):
-    config, resume = parse_config([])
-    assert config == Config() and resume is None
+    config, resume, overwrite = parse_config([])
+    assert config == Config() and resume is None and not overwrite
     config_file = tmp_path / "run.yaml"
     config_file.write_text("alpha: 0.25\nmax_steps: 7\nsft_teachers: all\n")
-    config, _ = parse_config(["--config", str(config_file), "--max_steps", "9"])
+    config, _, _ = parse_config(["--config", str(config_file), "--max_steps", "9"])
     assert (config.alpha, config.max_steps, config.sft_teachers) == (0.25, 9, "all")  # the command line wins
+    config_file.write_text("bf16: false\nuse_liger_kernel: true\n")  # YAML booleans for the switches
+    config, _, _ = parse_config(["--config", str(config_file)])
+    assert (config.bf16, config.use_liger_kernel) == ("false", "true")
 
 
-def test_resume_takes_the_saved_config_and_overrides(tmp_path):
+def test_resume_takes_the_saved_config_and_only_run_length_and_logging_overrides(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"alpha": 0.3, "max_steps": 5, "output_dir": "elsewhere"}))
-    config, resume = parse_config(["--resume", str(run), "--max_steps", "8"])
+    config, resume, _ = parse_config(["--resume", str(run), "--max_steps", "8", "--alpha", "0.3"])
     assert (config.alpha, config.max_steps, config.output_dir, resume) == (0.3, 8, str(run), run)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--resume", str(run), "--alpha", "0.4"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "alpha cannot change (only max_steps, logging_steps" in error
+
+
+def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["--max_steps", "1", "--eval_prompts", "2", "--output_dir", str(run)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--max_steps", "1", "--output_dir", str(run)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--resume {run} continues it" in error
+    (run / "checkpoint-7").mkdir()  # stale files of the earlier run go
+    summary = main(["--max_steps", "2", "--eval_prompts", "2", "--output_dir", str(run), "--overwrite_output_dir"])
+    assert summary["steps"] == 2 and sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -32,6 +51,10 @@ def test_resume_takes_the_saved_config_and_overrides(tmp_path):
     (["--epsilon", "1"], "epsilon must lie in [0, 1)"),
     (["--reward", "no_colon"], "reward must look like module:function"),
     (["--bf16", "yes"], "bf16 must be one of auto, true, false"),
+    (["--gamma", "nan"], "gamma must be a finite number"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number"),
+    (["--max_grad_norm", "0"], "max_grad_norm must be positive"),
+    (["--eval_data", "e.jsonl"], "eval_data needs data"),
     (["--learning_rate", "fast"], "argument --learning_rate: invalid float value"),
     (["--no_such_option", "1"], "unrecognized arguments"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no run directory there"),

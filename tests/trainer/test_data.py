@@ -74,6 +74,10 @@ def test_wrong_extension_and_too_few_records(tmp_path, capsys):
 def test_builtin_reward_extracts_the_final_answer():
     assert exact_match("so \\boxed{42} done 7", "42") == 1.0
     assert exact_match("12", "13") == 0.0 and exact_match("", "1") == 0.0 and exact_match("007", "7") == 1.0
+    assert exact_match("so \\boxed{\\frac{1}{2}}", "0.5") == 1.0 and exact_match("\\boxed{\\dfrac{1}{2}}", "1/2") == 1.0
+    assert exact_match("it is 12", "12.0") == 1.0 and exact_match("total 1,000", "1000") == 1.0
+    assert exact_match("\\boxed{x^{2}+1}", "x^{2} + 1") == 1.0 and exact_match("\\boxed{x^{2}}", "x^{3}") == 0.0
+    assert exact_match("\\boxed{\\frac{1}{3}}", "0.33") == 0.0
     reward = load_reward("")
     assert score(reward, ["p", "p"], ["x = 5", "x = 6"], ["5", "5"]) == [1.0, 0.0]
 
@@ -83,6 +87,7 @@ def test_pluggable_reward_and_its_errors(tmp_path, monkeypatch):
         "def length(prompts, completions, ground_truth):\n    return [len(c) / 10 for c in completions]\n"
         "def short(prompts, completions, **kwargs):\n    return [1.0]\n"
         "def text(prompts, completions, **kwargs):\n    return ['high' for c in completions]\n")
+    (tmp_path / "broken_rewards.py").write_text("def f(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert score(load_reward("my_rewards:length"), ["p"] * 2, ["ab", "abcd"], ["1", "1"]) == [0.2, 0.4]
     with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
@@ -93,3 +98,5 @@ def test_pluggable_reward_and_its_errors(tmp_path, monkeypatch):
         load_reward("my_rewards:missing")
     with pytest.raises(RewardError, match="cannot import 'no_such_module'"):
         load_reward("no_such_module:f")
+    with pytest.raises(RewardError, match="cannot import 'broken_rewards'"):
+        load_reward("broken_rewards:f")

@@ -50,7 +50,8 @@ def test_codec_uses_the_chat_template(model_dir):
 
 def test_a_local_model_trains_on_a_luffy_style_file(model_dir, tmp_path):
     records = [{"prompt": [{"role": "user", "content": f"{a}+{b}=?"}], "reward_model": {"ground_truth": str(a + b)},
-                "target": [{"role": "assistant", "content": f"\\boxed{{{a + b}}}"}]} for a in range(4) for b in range(4)]
+                "target": [{"role": "assistant", "content": f"\\boxed{{{a + b}}}"}]}
+               for a in range(4) for b in range(4)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     run = tmp_path / "run"
@@ -77,7 +78,25 @@ def test_the_embedded_tokenizer_rejects_text_prompts(tmp_path, capsys):
                                         "target": ["2"]}) + "\n" for _ in range(3)))
     with pytest.raises(SystemExit):
         main(["--data", str(data), "--eval_prompts", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "r")])
-    assert "use --model with --data" in capsys.readouterr().err
+    assert "record 1: cannot be tokenized" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_rollouts_ignore_the_models_generation_config():
+    """Rollouts must come from softmax(logits / T) alone: a repetition penalty in the model's generation config
+    would make them come from another distribution than the losses' log-probs describe."""
+    from dypo.policy import generate, load_policy
+
+    torch.manual_seed(0)
+    model, codec, runtime = load_policy(Config())
+    model.generation_config.repetition_penalty = 50.0
+    prompt = codec.prompt_ids("12+34=")
+    ids = torch.tensor([prompt])
+    for _ in range(6):  # greedy decoding by hand from the raw logits
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = ids[0, len(prompt):].tolist()
+    if codec.eos_id in expected:
+        expected = expected[:expected.index(codec.eos_id) + 1]
+    assert generate(model, codec, runtime, [prompt], max_new_tokens=6, temperature=1.0, greedy=True) == [expected]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallbacks")
