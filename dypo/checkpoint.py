@@ -1,7 +1,11 @@
 """Checkpoints that survive being killed at any moment: each is written under a temporary name, flushed to disk,
-then renamed to ``checkpoint-STEP`` (STEP steps done), so a directory with that name is always complete. The model
-is stored as safetensors, the optimizer, scheduler and RNG states as tensors loaded with ``weights_only=True``,
-the trainer's state (step, queues, Python RNG) as JSON: nothing is unpickled."""
+then renamed to ``checkpoint-STEP`` (STEP steps done), so a directory with that name is always complete.
+
+One process: the model as safetensors, the optimizer, scheduler and RNG states as tensors loaded with
+``weights_only=True``, the trainer's state (step, queues, Python RNG) as JSON: nothing is unpickled.
+Under torchrun: model and optimizer through torch.distributed.checkpoint (each rank writes its shards; DCP's own
+metadata file is a pickle this run wrote), each rank's RNG and trainer state (its queues) in its own files, and
+``world.json`` with the number of ranks, which a resume must match."""
 
 import json
 import os
@@ -35,11 +39,15 @@ def rng_states():
     return states
 
 
+def _complete(path: Path):
+    return (path / "world.json").is_file() or all((path / name).is_file() for name in FILES)
+
+
 def checkpoints(run_dir: Path):
     """Complete checkpoints of a run, oldest first (a directory missing one of the files, which no kill of this
     module's writes can leave behind, is passed over)."""
     found = [(int(NAME.match(p.name).group(1)), p) for p in Path(run_dir).iterdir()
-             if p.is_dir() and NAME.match(p.name) and all((p / name).is_file() for name in FILES)]
+             if p.is_dir() and NAME.match(p.name) and _complete(p)]
     return [path for _, path in sorted(found)]
 
 
@@ -62,15 +70,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: d
     torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
     torch.save(rng_states(), temporary / "rng.pt")
     (temporary / "trainer_state.json").write_text(json.dumps(trainer_state))
-    for name in FILES:
-        _fsync(temporary / name)
-    _fsync(temporary)
-    if final.exists():
-        _delete(final)
-    os.rename(temporary, final)
-    _fsync(run_dir)
-    for old in checkpoints(run_dir)[:-keep]:
-        _delete(old)
+    _publish(run_dir, temporary, final, keep)
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
@@ -90,3 +90,66 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(states["cuda"]))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _publish(run_dir: Path, temporary: Path, final: Path, keep: int):
+    for path in [p for p in temporary.rglob("*") if p.is_file()] + [temporary]:
+        _fsync(path)
+    if final.exists():
+        _delete(final)
+    os.rename(temporary, final)
+    _fsync(run_dir)
+    for old in checkpoints(run_dir)[:-keep]:
+        _delete(old)
+
+
+def save_sharded(run_dir: Path, step: int, module, optimizer, scheduler, trainer_state: dict, world, keep: int):
+    """The torchrun form of ``save``: every rank takes part; rank 0 publishes the directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run_dir = Path(run_dir)
+    final, temporary = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.partial"
+    if world.main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+    world.barrier()
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(temporary / "dcp"))
+    torch.save(rng_states(), temporary / f"rng-rank{world.rank}.pt")
+    (temporary / f"trainer_state-rank{world.rank}.json").write_text(json.dumps(trainer_state))
+    world.barrier()
+    if world.main:
+        torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
+        (temporary / "world.json").write_text(json.dumps({"world_size": world.size}))
+        _publish(run_dir, temporary, final, keep)
+    world.barrier()
+
+
+def load_any(path: Path, module, model, optimizer, scheduler, world) -> dict:
+    """``load`` or its torchrun form, whichever wrote the checkpoint; the number of ranks must match."""
+    sharded = (path / "world.json").is_file()
+    written_by = json.loads((path / "world.json").read_text())["world_size"] if sharded else 1
+    if written_by != world.size:
+        raise CheckpointError(f"{path} was written by {written_by} process(es); this run has {world.size}: resume "
+                              f"it with torchrun --nproc_per_node {written_by}" if written_by > 1 else
+                              f"{path} was written by one process: resume it without torchrun")
+    if not sharded:
+        return load(path, model, optimizer, scheduler)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except Exception as exc:  # DCP wraps a missing key or a shape mismatch in its own exception types
+        raise CheckpointError(f"{path} holds another model's weights ({str(exc).splitlines()[0]}); resume with "
+                              "the run's own --model") from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    states = torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(states["cuda"]))
+    return json.loads((path / f"trainer_state-rank{world.rank}.json").read_text())

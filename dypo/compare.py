@@ -146,8 +146,10 @@ def plot_variance(rows, path: Path):
     for name, label in (("grpo", "GRPO alone"), ("mix", "alpha GRPO + (1 - alpha) GAL")):
         absolute.plot(steps, [row[f"var_{name}"] for row in rows], marker="o", label=label)
         relative.plot(steps, [row[f"relative_var_{name}"] for row in rows], marker="o", label=label)
-    absolute.set(xlabel="training step", ylabel="E||g_b - mean g||^2", yscale="log", title="gradient variance")
-    relative.set(xlabel="training step", ylabel="variance / ||mean g||^2", yscale="log", title="relative variance")
+    absolute.set(xlabel="training step", ylabel="sum_b ||g_b - mean g||^2 / (B - 1)", yscale="log",
+                 title="gradient variance")
+    relative.set(xlabel="training step", ylabel="variance / ||g||^2 (unbiased estimate)", yscale="log",
+                 title="relative variance")
     absolute.legend()
     for axes in (absolute, relative):
         axes.grid(alpha=0.3)

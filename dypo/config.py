@@ -34,6 +34,7 @@ class Config:
     logging_steps: int = option(150, "steps per progress line (and per point of the summary's curves)")
     save_steps: int = option(500, "steps between checkpoints (the last step is always saved)")
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
+    ddp_timeout: int = option(1800, "torchrun: seconds a collective may wait before a missing rank ends the run")
     sample_steps: int = option(150, "steps between writes of sample completions to samples.jsonl")
     num_samples: int = option(4, "completions written each time")
     # model
@@ -97,7 +98,7 @@ def _check(config: Config, fail):
             fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")
     for name in ("max_steps", "num_generations", "prompts_per_step", "max_digits", "max_new_tokens", "logging_steps",
                  "eval_prompts", "hidden_size", "num_layers", "save_steps", "save_total_limit", "sample_steps",
-                 "train_batch_size"):
+                 "ddp_timeout", "train_batch_size"):
         if getattr(config, name) < 1:
             fail(f"{name} must be a positive integer; got {getattr(config, name)}")
     for field in dataclasses.fields(config):

@@ -95,9 +95,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def resolve_runtime(config) -> Runtime:
+def resolve_runtime(config, device=None) -> Runtime:
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = device if device is not None else torch.device("cuda" if cuda else "cpu")
     bf16 = config.bf16 == "true" or (config.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
     attention = config.attn_implementation
     if attention == "auto":
@@ -172,9 +172,9 @@ def _apply_liger(model, runtime, config):
     return True
 
 
-def load_policy(config):
+def load_policy(config, device=None):
     """(model on its device, Codec, Runtime) for the config's --model, or the embedded tiny model."""
-    runtime = resolve_runtime(config)
+    runtime = resolve_runtime(config, device)
     if config.model:
         model, codec = _pretrained(config.model, runtime.attn_implementation)
     else:
@@ -185,6 +185,24 @@ def load_policy(config):
     if config.model:
         _check_head(model, config.model, runtime)
     return model, codec, runtime
+
+
+class FusedHead(torch.nn.Module):
+    """The causal LM run to its last hidden states, then a fused op fed with them and lm_head's weight and bias:
+    ``forward(ids, attention_mask, fused)`` returns ``fused(hidden [B, L - 1, D], weight, bias)``, the positions
+    that predict a next token. The fused op runs inside this module's forward so that FSDP2 gathers the lm_head
+    weight for it (and reduce-scatters its gradient); under bf16 autocast, hidden states and weights reach it in
+    bf16 (the last hidden state leaves autocast in fp32; the fused kernels accumulate in fp32 either way)."""
+
+    def __init__(self, model, runtime):
+        super().__init__()
+        self.model, self.runtime = model, runtime
+
+    def forward(self, ids, attention_mask, fused):
+        hidden = last_hidden(self.model, ids, attention_mask, self.runtime)[:, :-1]
+        weight, bias = lm_head(self.model)
+        dtype = self.runtime.autocast_dtype or weight.dtype
+        return fused(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def last_hidden(model, ids, attention_mask, runtime):

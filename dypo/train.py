@@ -12,6 +12,7 @@ directory gets config.json, metrics.jsonl, samples.jsonl, PNG plots, summary.jso
 RUN_DIR continues from the last one).
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,10 +30,12 @@ from typing import List, Optional
 
 import torch
 
-from dypo import checkpoint, plots, policy, task
+from dypo import checkpoint, distributed, plots, policy, task
 from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.rewards import RewardError, load_reward, score
+from torch.distributed.fsdp import FSDPModule
+
 from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
 
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
@@ -160,22 +163,16 @@ def padded_batch(rows, pad_id, device):
     return ids.to(device), attention.to(device), targets.to(device), mask.to(device)
 
 
-def head_inputs(model, hidden, runtime):
-    """(hidden, weight, bias) for the fused ops, in the autocast dtype when there is one (the last hidden state
-    comes out of autocast in fp32; the fused kernels accumulate in fp32 either way)."""
-    weight, bias = policy.lm_head(model)
-    dtype = runtime.autocast_dtype or weight.dtype
-    return hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
-
-
 @torch.no_grad()
-def completion_logprobs(model, rows, codec, runtime, temperature, entropy=False):
-    """Per-row log-probs of the completion tokens (lists), from hidden states and the fused op; with ``entropy``
-    also the mean policy entropy over those tokens."""
-    ids, attention, targets, mask = padded_batch(rows, codec.pad_id, runtime.device)
-    hidden, weight, bias = head_inputs(model, policy.last_hidden(model, ids, attention, runtime)[:, :-1], runtime)
-    result = fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -100), bias=bias,
-                                   temperature=temperature, return_entropy=entropy)
+def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False):
+    """Per-row log-probs of the completion tokens (lists) from a FusedHead (hidden states and the fused op, no
+    logits); with ``entropy`` also the mean policy entropy over those tokens."""
+    ids, attention, targets, mask = padded_batch(rows, pad_id, device)
+    result = head(ids, attention, lambda hidden, weight, bias: fused_linear_logprobs(
+        hidden, weight, targets.masked_fill(~mask, -100), bias=bias, temperature=temperature,
+        return_entropy=entropy))
+    if isinstance(head, FSDPModule):
+        distributed.reshard(head)  # a forward without backward leaves the root gathered
     logps, token_entropy = result if entropy else (result, None)
     per_row = [logps[i][mask[i]].float().tolist() for i in range(len(rows))]
     if not entropy:
@@ -224,15 +221,21 @@ def lr_schedule(config):
 
 
 class Trainer:
-    def __init__(self, config: Config, problems=None, reward_function=None):
-        self.config = config
+    def __init__(self, config: Config, problems=None, reward_function=None, world=None):
+        self.config, self.world = config, world or distributed.World()
         self.reward_function = reward_function or load_reward(config.reward)
         torch.manual_seed(config.seed)
-        self.rng = random.Random(config.seed)
-        self.model, self.codec, self.runtime = policy.load_policy(config)
+        self.rng = random.Random(config.seed)  # data order and teacher choices: the same on every rank
+        self.model, self.codec, self.runtime = policy.load_policy(config, self.world.device)
         self.model.eval()  # no dropout, in rollouts and updates alike (TRL's disable_dropout): ratios start at 1
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
+        self.policy = policy.FusedHead(self.model, self.runtime)
+        self.reference_head = policy.FusedHead(self.reference, self.runtime)
+        if self.world.distributed:
+            distributed.shard(self.policy, self.model, self.world.device)
+            distributed.shard(self.reference_head, self.reference, self.world.device)
+            torch.manual_seed(config.seed + 1 + self.world.rank)  # each rank samples its own rollouts
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         self.source = ProblemSource(config, self.rng, problems)
@@ -240,46 +243,55 @@ class Trainer:
         self.step = 0
         self.updates = 0
 
+    @property
+    def needs_reference(self):
+        return self.config.beta > 0 or self.config.strategy == "dypo" and self.config.alpha < 1  # KL and GAL
+
     # rollouts -------------------------------------------------------------------------------------------------
     def rollout(self, problems, step):
-        """Rollouts, rewards, grades and routing of one step's prompts; routed groups go to the queues. Returns
-        the step's metrics and samples."""
-        config, codec, k = self.config, self.codec, self.config.num_generations
-        prompt_ids = [codec.prompt_ids(p.prompt) for p in problems]
-        completions = policy.generate(self.model, codec, self.runtime, [ids for ids in prompt_ids for _ in range(k)],
-                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+        """Rollouts, rewards, grades and routing of one step's prompts (this rank's contiguous block of them);
+        routed groups go to the queues. Returns the step's metrics and samples."""
+        config, codec, k, world = self.config, self.codec, self.config.num_generations, self.world
+        local = len(problems) // world.size
+        first = world.rank * local
+        mine = problems[first:first + local]
+        prompt_ids = [codec.prompt_ids(p.prompt) for p in mine]
+        with distributed.gathered(self.policy, world):
+            completions = policy.generate(self.model, codec, self.runtime,
+                                          [ids for ids in prompt_ids for _ in range(k)],
+                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         texts = [codec.text(c) for c in completions]
-        rewards = score(self.reward_function, [p.prompt for p in problems for _ in range(k)], texts,
-                        [p.answer for p in problems for _ in range(k)])
-        graded = group_advantages(torch.tensor(rewards), group_size=k, scale=config.scale_rewards)
+        rewards = score(self.reward_function, [p.prompt for p in mine for _ in range(k)], texts,
+                        [p.answer for p in mine for _ in range(k)])
+        all_rewards = world.all_gather(torch.tensor(rewards, device=world.collective_device)).cpu()
+        graded = group_advantages(all_rewards, group_size=k, scale=config.scale_rewards)
         routes, _ = route_groups(graded.grade.tolist(), config.strategy, step, config)
-        rows = [Row(prompt_ids[i // k] + c, len(prompt_ids[i // k]), rewards[i], graded.advantages[i].item())
-                for i, c in enumerate(completions)]
-        old_logps, entropy = completion_logprobs(self.model, rows, codec, self.runtime, config.temperature,
+        rows = [Row(prompt_ids[i // k] + c, len(prompt_ids[i // k]), rewards[i],
+                    graded.advantages[first * k + i].item()) for i, c in enumerate(completions)]
+        old_logps, entropy = completion_logprobs(self.policy, rows, codec.pad_id, world.device, config.temperature,
                                                  entropy=True)
-        rl_rows = [i for g, route in enumerate(routes) if route == Route.RL for i in range(g * k, (g + 1) * k)]
-        if rl_rows and (config.beta > 0 or config.strategy == "dypo" and config.alpha < 1):  # KL and GAL use it
-            ref_logps = completion_logprobs(self.reference, [rows[i] for i in rl_rows], codec, self.runtime,
-                                            config.temperature)
-            for i, logps in zip(rl_rows, ref_logps):
-                rows[i].ref_logps = logps
-        for i in rl_rows:
-            rows[i].old_logps = old_logps[i]
-        for g, (problem, route) in enumerate(zip(problems, routes)):
+        ref_logps = completion_logprobs(self.reference_head, rows, codec.pad_id, world.device,
+                                        config.temperature) if self.needs_reference else [None] * len(rows)
+        for g, (problem, route) in enumerate(zip(problems, routes)):  # every rank draws every teacher choice
+            solutions = problem.teacher_solutions if config.sft_teachers == "all" or route != Route.SFT else \
+                [self.rng.choice(problem.teacher_solutions)]
+            if not first <= g < first + local:
+                continue
+            own = range((g - first) * k, (g - first + 1) * k)
             if route == Route.RL:
-                self.queues.push(step, Route.RL, rows[g * k:(g + 1) * k])
+                for i in own:
+                    rows[i].old_logps, rows[i].ref_logps = old_logps[i], ref_logps[i]
+                self.queues.push(step, Route.RL, [rows[i] for i in own])
             elif route == Route.SFT:
-                solutions = problem.teacher_solutions if config.sft_teachers == "all" else \
-                    [self.rng.choice(problem.teacher_solutions)]
-                self.queues.push(step, Route.SFT, [Row(prompt_ids[g] + codec.solution_ids(text), len(prompt_ids[g]))
-                                                   for text in solutions])
+                ids = prompt_ids[g - first]
+                self.queues.push(step, Route.SFT, [Row(ids + codec.solution_ids(text), len(ids)) for text in solutions])
         routed = [r for r in routes if r != Route.SKIP]
-        metrics = {"reward_mean": sum(rewards) / len(rewards),
+        metrics = {"reward_mean": all_rewards.mean().item(),
                    **{f"share_{grade.name.lower()}": (graded.grade == grade).float().mean().item() for grade in Grade},
                    "offline_ratio": sum(r == Route.SFT for r in routed) / len(routed) if routed else 0.0,
                    "entropy": entropy, "rollout_tokens": sum(map(len, completions))}
-        samples = [{"step": step, "prompt": problems[i // k].prompt, "completion": texts[i], "reward": rewards[i],
-                    "answer": problems[i // k].answer} for i in range(0, len(texts), max(1, k))][:config.num_samples]
+        samples = [{"step": step, "prompt": mine[i // k].prompt, "completion": texts[i], "reward": rewards[i],
+                    "answer": mine[i // k].answer} for i in range(0, len(texts), max(1, k))][:config.num_samples]
         return metrics, samples
 
     # update ---------------------------------------------------------------------------------------------------
@@ -288,7 +300,7 @@ class Trainer:
         metrics, number of trained tokens)."""
         config = self.config
         rows = [row for group in groups for row in group.rows]
-        ids, attention, targets, mask = padded_batch(rows, self.codec.pad_id, self.runtime.device)
+        ids, attention, targets, mask = padded_batch(rows, self.codec.pad_id, self.world.device)
         route = torch.tensor([group.route for group in groups for _ in group.rows], device=ids.device)
         group_index = torch.tensor([g for g, group in enumerate(groups) for _ in group.rows], device=ids.device)
         rewards = torch.tensor([row.reward for row in rows], device=ids.device)
@@ -303,14 +315,12 @@ class Trainer:
                     values[i, mask[i]] = torch.tensor(getattr(row, name), device=ids.device)
             return values
 
-        hidden, weight, bias = head_inputs(
-            self.model, policy.last_hidden(self.model, ids, attention, self.runtime)[:, :-1], self.runtime)
-        loss, metrics = dypo_loss(hidden, weight, targets, mask=mask, route=route, rewards=rewards,
-                                  group_index=group_index, advantages=advantages, old_logps=logps_of("old_logps"),
-                                  ref_logps=logps_of("ref_logps"), alpha=alpha, gamma=config.gamma,
-                                  beta_gal=config.beta_gal, beta_kl=config.beta, eps_low=config.epsilon,
-                                  eps_high=config.epsilon_high, loss_type=config.loss_type, bias=bias,
-                                  temperature=config.temperature, return_metrics=True)
+        old_logps, ref_logps = logps_of("old_logps"), logps_of("ref_logps")
+        loss, metrics = self.policy(ids, attention, lambda hidden, weight, bias: dypo_loss(
+            hidden, weight, targets, mask=mask, route=route, rewards=rewards, group_index=group_index,
+            advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, alpha=alpha, gamma=config.gamma,
+            beta_gal=config.beta_gal, beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high,
+            loss_type=config.loss_type, bias=bias, temperature=config.temperature, return_metrics=True))
         return loss, metrics, int(mask.sum())
 
     def update(self, groups, step):
@@ -319,7 +329,9 @@ class Trainer:
         loss, loss_metrics, tokens = self.loss(groups, alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.updates += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": self.scheduler.get_last_lr()[0],
@@ -327,14 +339,15 @@ class Trainer:
                 **{name: float(value) for name, value in loss_metrics.items() if name in UPDATE_METRICS}}
 
     def train_step(self, step):
-        """One step: rollouts of prompts_per_step prompts, then every update the queues can fill."""
+        """One step: rollouts of prompts_per_step prompts, then every update the queues can fill (under torchrun:
+        whenever every rank's queues hold its share of train_batch_size). Returns the metrics merged over ranks."""
         started = time.monotonic()
-        if self.runtime.device.type == "cuda":
+        if self.world.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         metrics, samples = self.rollout(self.source.next(self.config.prompts_per_step), step)
-        updates = []
-        while len(self.queues) >= self.config.train_batch_size:
-            updates.append(self.update(self.queues.pop_batch(self.config.train_batch_size), step))
+        updates, share = [], self.config.train_batch_size // self.world.size
+        while self.world.minimum(len(self.queues)) >= share:
+            updates.append(self.update(self.queues.pop_batch(share), step))
         with warnings.catch_warnings():  # a step without an update (every prompt easy) still advances the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -346,17 +359,33 @@ class Trainer:
                 metrics[name] = sum(values) / len(values)
         metrics.update({"step_seconds": seconds,
                         "tokens_per_second": (metrics["rollout_tokens"] + metrics.get("train_tokens", 0)) / seconds,
-                        "peak_memory_mb": peak_memory_mb(self.runtime.device)})
-        return metrics, samples
+                        "peak_memory_mb": peak_memory_mb(self.world.device)})
+        return self.world.combine(metrics), samples
 
     # evaluation and state -------------------------------------------------------------------------------------
     def evaluate(self, problems):
-        completions = policy.generate(self.model, self.codec, self.runtime,
-                                      [self.codec.prompt_ids(p.prompt) for p in problems],
-                                      max_new_tokens=self.config.max_new_tokens, temperature=1.0, greedy=True)
-        texts = [self.codec.text(c) for c in completions]
-        rewards = score(self.reward_function, [p.prompt for p in problems], texts, [p.answer for p in problems])
-        return sum(r > 0.5 for r in rewards) / len(problems)
+        """Share of greedy completions whose reward exceeds 0.5 (each rank decodes every size-th prompt)."""
+        mine = problems[self.world.rank::self.world.size]
+        correct = 0.0
+        if mine:
+            with distributed.gathered(self.policy, self.world):
+                completions = policy.generate(self.model, self.codec, self.runtime,
+                                              [self.codec.prompt_ids(p.prompt) for p in mine],
+                                              max_new_tokens=self.config.max_new_tokens, temperature=1.0,
+                                              greedy=True)
+            texts = [self.codec.text(c) for c in completions]
+            rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
+            correct = float(sum(r > 0.5 for r in rewards))
+        return self.world.total(correct) / len(problems)
+
+    def full_state_dict(self):
+        """The policy's whole state dict on CPU (under torchrun every rank takes part in gathering it)."""
+        if not self.world.distributed:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
     def state(self, extra):
         version, internal, gauss = self.rng.getstate()
@@ -394,11 +423,11 @@ def _fail(message):
     raise SystemExit(2)
 
 
-def _progress(total, initial):
+def _progress(total, initial, enabled=True):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="steps", file=sys.stderr, disable=None, leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="steps", file=sys.stderr, disable=None if enabled else True,
+                leave=False, dynamic_ncols=True)
 
 
 def main(argv=None):
@@ -406,10 +435,17 @@ def main(argv=None):
     out = Path(config.output_dir)
     if resume is None and not overwrite and ((out / "config.json").exists() or any(out.glob("checkpoint-*"))):
         _fail(f"output_dir {out} holds a run: --resume {out} continues it, --overwrite_output_dir starts afresh")
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("prompts_per_step", "train_batch_size"):
+        if getattr(config, name) % size:
+            _fail(f"{name} ({getattr(config, name)}) must be a multiple of the number of processes ({size})")
+    world = distributed.init_world(config.ddp_timeout)
     try:
-        return _run(config, resume, overwrite)
+        return _run(config, resume, overwrite, world)
     except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
         _fail(exc)
+    finally:
+        distributed.close(world)
 
 
 def check_encodable(codec, problems):
@@ -432,34 +468,42 @@ def _clear_run(out: Path):
         (out / name).unlink(missing_ok=True)
 
 
-def _run(config: Config, resume: Optional[Path], overwrite=False):
+def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
+    world = world or distributed.World()
     problems, eval_problems = load_data(config)
-    trainer = Trainer(config, problems, load_reward(config.reward))
+    trainer = Trainer(config, problems, load_reward(config.reward), world)
     check_encodable(trainer.codec, (problems or []) + eval_problems)
     out = Path(config.output_dir)
-    if overwrite:
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        if overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     saved = checkpoint.checkpoints(out) if resume else []
     if saved:
-        state = checkpoint.load(saved[-1], trainer.model, trainer.optimizer, trainer.scheduler)
+        state = checkpoint.load_any(saved[-1], trainer.policy, trainer.model, trainer.optimizer, trainer.scheduler,
+                                    world)
         trainer.load_state(state)
         accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
-        print(f"resumed {out} from {saved[-1].name}", flush=True)
+        _say(world, f"resumed {out} from {saved[-1].name}")
     else:
         if resume:
-            print(f"{out} has no checkpoint yet: starting from step 0", flush=True)
+            _say(world, f"{out} has no checkpoint yet: starting from step 0")
         accuracy_before, elapsed = trainer.evaluate(eval_problems), 0.0
-    config_file = out / "config.json.partial"
-    config_file.write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    os.replace(config_file, out / "config.json")
-    for log in ("metrics.jsonl", "samples.jsonl"):
-        _kept_lines(out / log, trainer.step)
+    world.barrier()  # every rank has read the logs' state before rank 0 cuts them back
+    if world.main:
+        config_file = out / "config.json.partial"
+        config_file.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        os.replace(config_file, out / "config.json")
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            _kept_lines(out / log, trainer.step)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").exists() else []
+        if world.main and (out / "metrics.jsonl").exists() else []
     started = time.monotonic() - elapsed
-    bar = _progress(config.max_steps, trainer.step)
-    with open(out / "metrics.jsonl", "a") as metrics_log, open(out / "samples.jsonl", "a") as samples_log:
+    bar = _progress(config.max_steps, trainer.step, enabled=world.main)
+    with contextlib.ExitStack() as files:
+        metrics_log, samples_log = (files.enter_context(open(out / name if world.main else os.devnull, "a"))
+                                    for name in ("metrics.jsonl", "samples.jsonl"))
         while trainer.step < config.max_steps:
             step = trainer.step
             metrics, samples = trainer.train_step(step)
@@ -472,16 +516,25 @@ def _run(config: Config, resume: Optional[Path], overwrite=False):
                 samples_log.write("".join(json.dumps(s) + "\n" for s in samples))
                 samples_log.flush()
             bar.update(1)
-            if (step + 1) % config.logging_steps == 0 or step + 1 == config.max_steps:
+            if world.main and ((step + 1) % config.logging_steps == 0 or step + 1 == config.max_steps):
                 bar.write(_progress_line(history[-config.logging_steps:], step + 1, config.max_steps), file=sys.stdout)
                 sys.stdout.flush()
             if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-                checkpoint.save(out, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
-                                trainer.state({"eval_accuracy_before": accuracy_before, "seconds": metrics["seconds"]}),
-                                keep=config.save_total_limit)
+                state = trainer.state({"eval_accuracy_before": accuracy_before, "seconds": metrics["seconds"]})
+                if world.distributed:
+                    checkpoint.save_sharded(out, trainer.step, trainer.policy, trainer.optimizer, trainer.scheduler,
+                                            state, world, keep=config.save_total_limit)
+                else:
+                    checkpoint.save(out, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler, state,
+                                    keep=config.save_total_limit)
     bar.close()
     accuracy_after = trainer.evaluate(eval_problems)
     return _finish(config, out, history, accuracy_before, accuracy_after, len(eval_problems), trainer)
+
+
+def _say(world, line):
+    if world.main:
+        print(line, flush=True)
 
 
 def _window_mean(window, key):
@@ -510,10 +563,14 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
                "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
                "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy"),
                "offline_ratio_curve": curve("offline_ratio"), "entropy_curve": curve("entropy")}
-    summary["plots"] = plots.write_plots(history, out, window=config.logging_steps)
     if config.model:
-        trainer.model.save_pretrained(out / "final_model")
-        trainer.codec.tokenizer.save_pretrained(out / "final_model")
+        weights = trainer.full_state_dict()
+        if trainer.world.main:
+            trainer.model.save_pretrained(out / "final_model", state_dict=weights)
+            trainer.codec.tokenizer.save_pretrained(out / "final_model")
+    if not trainer.world.main:
+        return summary
+    summary["plots"] = plots.write_plots(history, out, window=config.logging_steps)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     n = config.logging_steps
     print(f"reward per {n} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")

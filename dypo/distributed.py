@@ -1,0 +1,152 @@
+"""One process or many: under torchrun the trainer joins a process group (gloo on CPU, NCCL on CUDA, chosen
+automatically, with a timeout on every collective so that a dead rank ends the others instead of hanging them),
+shards the policy and the reference with FSDP2 (``fully_shard`` per decoder layer, then the whole), and uses the
+few collectives below. Prompts are split across ranks in contiguous blocks, so every group stays on one rank and
+the ranks' rewards, gathered in rank order, are the single-process batch."""
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# metrics that add up across ranks (the others are averaged; step time and memory take the largest)
+SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs",
+          "queued_prompts")
+LARGEST = ("step_seconds", "peak_memory_mb")
+
+
+class World:
+    """This process's place among the trainer's processes (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, rank=0, size=1, device=None):
+        self.rank, self.size = rank, size
+        self.device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def distributed(self):
+        return self.size > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        """1-D tensors of equal length from every rank, concatenated in rank order."""
+        if not self.distributed:
+            return values
+        parts = [torch.empty_like(values) for _ in range(self.size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+
+    def reduce(self, values, op):
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def minimum(self, value: int) -> int:
+        return int(self.reduce([value], dist.ReduceOp.MIN)[0]) if self.distributed else value
+
+    def total(self, value: float) -> float:
+        return self.reduce([value], dist.ReduceOp.SUM)[0] if self.distributed else value
+
+    def combine(self, metrics: dict) -> dict:
+        """Every rank's metrics merged: summed, largest, or averaged over the ranks that have them (a rank whose
+        batch held no RL rows has no GRPO or GAL metrics)."""
+        if not self.distributed:
+            return metrics
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, sorted(n for n, v in metrics.items() if isinstance(v, (int, float))))
+        names = sorted(set().union(*everyone))
+        present = [name in metrics for name in names]
+        values = [float(metrics[name]) if here else 0.0 for name, here in zip(names, present)]
+        summed = self.reduce(values + [float(here) for here in present], dist.ReduceOp.SUM)
+        largest = self.reduce([v if here else -float("inf") for v, here in zip(values, present)], dist.ReduceOp.MAX)
+        merged = dict(metrics)
+        for i, name in enumerate(names):
+            total, count = summed[i], summed[len(names) + i]
+            merged[name] = largest[i] if name in LARGEST else total if name in SUMMED else total / count
+        return merged
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def collective_device(self):
+        return self.device if self.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_world(timeout_seconds: float) -> World:
+    """The process group when torchrun started several processes (WORLD_SIZE > 1), else a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    return World(rank, size, device)
+
+
+def close(world: World):
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model):
+    layers = getattr(model.get_decoder(), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def shard(head, model, device):
+    """FSDP2 for a FusedHead: each decoder layer its own unit (its parameters gathered only while it runs), then
+    the rest. One tiny forward through the head makes it FSDP's root before generate() calls the layers directly
+    (a layer reached first would make itself a root)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(head)
+    with torch.no_grad():
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        head(ids, torch.ones_like(ids), lambda hidden, weight, bias: None)
+    reshard(head)
+
+
+def reshard(module):
+    """Back to the shards: FSDP2 leaves the root's parameters gathered after a forward (for the backward it
+    expects), and while they are, ``parameters()`` yields the gathered tensors, not the ones the optimizer and the
+    checkpoints know."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def gathered(module, world: World):
+    """Full parameters on every rank for the duration (generation runs outside the sharded forward): gathered
+    once and kept, so that ranks whose rollouts end at different lengths run no collective meanwhile."""
+    if not world.distributed:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
