@@ -1,0 +1,143 @@
+"""DYPO inside TRL: ``DYPOTrainer`` is TRL's ``GRPOTrainer`` with DYPO's routing and fused loss.
+
+    from dypo.integrations.trl import DYPOTrainer
+    trainer = DYPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=dataset)  # + alpha=...
+
+What changes against GRPOTrainer, and nothing else:
+- after TRL has generated and scored a generation batch, each group of ``num_generations`` rollouts is graded
+  (success: reward > 0.5): easy groups are dropped, mid groups are trained by alpha GRPO + (1 - alpha) GAL, and a
+  hard group's first row is replaced by a teacher solution from the dataset column ``teachers_field`` (default
+  ``target``: a list of strings or of messages with a ``content``), drawn uniformly, for SFT (its other rows are
+  dropped); ``switch_gate`` holds plain GRPO for the first optimizer steps;
+- the generation batch is shuffled and split by whole groups (GAL pairs rollouts within a group), so
+  ``per_device_train_batch_size`` must be a multiple of ``num_generations``;
+- the loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs through its
+  (wrapped) forward with ``output_hidden_states=True, logits_to_keep=1``, so no [batch, tokens, vocab] logits are
+  built. TRL's advantages, old and reference log-probs, ``beta``, ``epsilon``/``epsilon_high``, ``temperature``
+  and ``loss_type`` (grpo, bnpo, dr_grpo, dapo) are used as they are; GAL's reference term exists when TRL has a
+  reference model (``beta`` > 0), else GAL compares the policy's own sequence log-probs.
+Text-only models; tested on CPU with one process (see tests/integrations/test_trl.py).
+"""
+
+import random
+
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
+
+from dypo_kernels import Grade, Route, dypo_loss, group_advantages
+from dypo_kernels.sweep import LOSS_TYPES
+
+
+class DYPOTrainer(GRPOTrainer):
+    def __init__(self, *args, alpha=0.5, gamma=1.0, beta_gal=1.0, switch_gate=0, teachers_field="target", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} with DYPOTrainer; got "
+                             f"{self.loss_type!r}")
+        if self.args.per_device_train_batch_size % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size ({self.args.per_device_train_batch_size}) must be a multiple "
+                             f"of num_generations ({self.num_generations}): GAL needs whole groups in a batch")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
+        self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
+        self.teachers_field = teachers_field
+        self._teacher_rng = random.Random(self.args.seed)
+
+    # rewards and routing ----------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _teacher_ids(self, row):
+        solutions = row.get(self.teachers_field)
+        if isinstance(solutions, (str, dict)):
+            solutions = [solutions]
+        if not solutions:
+            raise ValueError(f"DYPOTrainer: a hard prompt's row has no teacher solutions in {self.teachers_field!r}")
+        text = self._teacher_rng.choice(solutions)
+        text = text["content"] if isinstance(text, dict) else text
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return output
+        k, rows = self.num_generations, output["completion_ids"].size(0)
+        device = output["completion_ids"].device
+        all_rewards = (self._rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+        start = self.accelerator.process_index * rows
+        rewards = all_rewards[start:start + rows].float()
+        grades = group_advantages(rewards.cpu(), group_size=k).grade.tolist()
+        plain_grpo = self.state.global_step < self.switch_gate
+        route = torch.full((rows,), int(Route.RL), device=device)
+        teacher_rows = {}
+        for g, grade in enumerate(grades):
+            if grade == Grade.EASY:
+                route[g * k:(g + 1) * k] = int(Route.SKIP)
+            elif grade == Grade.HARD and not plain_grpo:
+                route[g * k:(g + 1) * k] = int(Route.SKIP)
+                route[g * k] = int(Route.SFT)
+                teacher_rows[g * k] = self._teacher_ids(inputs[g * k])
+        if teacher_rows:
+            self._put_teacher_solutions(output, teacher_rows)
+        output.update(route=route, rewards=rewards)
+        mode = "train"
+        self._metrics[mode]["dypo/share_hard"].append(sum(g == Grade.HARD for g in grades) / len(grades))
+        self._metrics[mode]["dypo/share_easy"].append(sum(g == Grade.EASY for g in grades) / len(grades))
+        return output
+
+    @staticmethod
+    def _put_teacher_solutions(output, teacher_rows):
+        """Write the teacher solutions over their rows' completions (widening the completion tensors if needed)."""
+        width = max(output["completion_ids"].size(1), max(map(len, teacher_rows.values())))
+        for name in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
+                     "sampling_per_token_logps"):
+            if output.get(name) is not None and output[name].size(1) < width:
+                output[name] = torch.nn.functional.pad(output[name], (0, width - output[name].size(1)))
+        for row, ids in teacher_rows.items():
+            output["completion_ids"][row] = 0
+            output["completion_ids"][row, :len(ids)] = torch.tensor(ids)
+            output["completion_mask"][row] = 0
+            output["completion_mask"][row, :len(ids)] = 1
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's buffering, with the generation batch shuffled and split by whole groups."""
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            k, rows = self.num_generations, batch["completion_ids"].size(0)
+            order = torch.randperm(rows // k).repeat_interleave(k) * k + torch.arange(rows) % k
+            batch = {name: value[order] if isinstance(value, torch.Tensor) and value.dim() > 0 and
+                     value.size(0) == rows else value for name, value in batch.items()}
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    # the loss ---------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                    use_cache=False)
+        hidden = out.hidden_states[-1][:, prompt_ids.size(1) - 1:-1]
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        rows = completion_ids.size(0)
+        k = self.num_generations
+        alpha = 1.0 if self.state.global_step < self.switch_gate else self.alpha
+        loss, metrics = dypo_loss(
+            hidden, head.weight.to(hidden.dtype), completion_ids, mask=inputs["completion_mask"].bool(),
+            route=inputs["route"], rewards=inputs["rewards"],
+            group_index=torch.arange(rows, device=hidden.device) // k, advantages=inputs["advantages"],
+            old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"), alpha=alpha,
+            gamma=self.gamma, beta_gal=self.beta_gal, beta_kl=self.beta, eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high, loss_type=self.loss_type,
+            bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
+            temperature=self.temperature, return_metrics=True)
+        for name in ("loss_sft", "loss_grpo", "loss_gal", "pair_accuracy", "clip_fraction_low", "clip_fraction_high",
+                     "mean_kl"):
+            if name in metrics:
+                self._metrics["train"][f"dypo/{name}"].append(float(metrics[name]))
+        return loss

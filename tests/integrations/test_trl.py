@@ -1,0 +1,66 @@
+"""DYPOTrainer (TRL's GRPOTrainer with DYPO's routing and loss) on CPU with a tiny model built from a config, as
+TRL's own tests do."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from dypo.integrations.trl import DYPOTrainer  # noqa: E402
+from dypo_kernels import Route, dypo_loss  # noqa: E402
+from tests.tiny_models import save_tiny_qwen2  # noqa: E402
+
+
+def right_answer(prompts, completions, ground_truth, **kwargs):
+    return [1.0 if c.strip().endswith(a) else 0.0 for c, a in zip(completions, ground_truth)]
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    rows = [{"prompt": f"{a}+{b}=", "ground_truth": str(a + b), "target": [f"{a + b}", f"({b}+{a})={a + b}"]}
+            for a in range(3) for b in range(3)]
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to="none",
+                      use_cpu=True, bf16=False, seed=0, save_strategy="no", beta=0.04)
+    return DYPOTrainer(model=str(model_dir), reward_funcs=right_answer, args=args,
+                       train_dataset=Dataset.from_list(rows), alpha=0.5)
+
+
+def test_a_few_steps_run_and_change_the_parameters(trainer):
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"dypo/share_hard", "dypo/loss_sft"} <= logged
+
+
+def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
+    model = trainer.model
+    torch.manual_seed(1)
+    prompt_ids = torch.randint(4, 20, (4, 3))
+    completion_ids = torch.randint(4, 20, (4, 5))
+    completion_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.tensor([0.8, -0.8, 0.8, -0.8]),
+              "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "route": torch.full((4,), int(Route.RL)),
+              "old_per_token_logps": -torch.rand(4, 5), "ref_per_token_logps": -torch.rand(4, 5)}
+    loss = trainer._compute_loss(model, inputs)
+    hidden = model.model(input_ids=torch.cat([prompt_ids, completion_ids], 1)).last_hidden_state[:, 2:-1]
+    expected = dypo_loss(hidden, model.lm_head.weight, completion_ids, mask=completion_mask.bool(),
+                         route=inputs["route"], rewards=inputs["rewards"], group_index=torch.zeros(4, dtype=torch.long),
+                         advantages=inputs["advantages"], old_logps=inputs["old_per_token_logps"],
+                         ref_logps=inputs["ref_per_token_logps"], alpha=0.5, beta_kl=0.04,
+                         loss_type=trainer.loss_type, eps_low=0.2, eps_high=0.2)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_must_fit_whole_in_a_batch(tmp_path):
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, num_generations=4,
+                      generation_batch_size=12, report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="must be a multiple of num_generations"):
+        DYPOTrainer(model=str(model_dir), reward_funcs=right_answer, args=args,
+                    train_dataset=Dataset.from_list([{"prompt": "1+1=", "ground_truth": "2", "target": ["2"]}] * 4))
