@@ -35,9 +35,10 @@ class DYPOTrainer(GRPOTrainer):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} with DYPOTrainer; got "
                              f"{self.loss_type!r}")
-        if self.args.per_device_train_batch_size % self.num_generations:
-            raise ValueError(f"per_device_train_batch_size ({self.args.per_device_train_batch_size}) must be a multiple "
-                             f"of num_generations ({self.num_generations}): GAL needs whole groups in a batch")
+        batch_size = self.args.per_device_train_batch_size
+        if batch_size % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size ({batch_size}) must be a multiple of num_generations "
+                             f"({self.num_generations}): GAL needs whole groups in a batch")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
         self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
