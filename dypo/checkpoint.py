@@ -106,7 +106,7 @@ def _publish(run_dir: Path, temporary: Path, final: Path, keep: int):
 def save_sharded(run_dir: Path, step: int, module, optimizer, scheduler, trainer_state: dict, world, keep: int):
     """The torchrun form of ``save``: every rank takes part; rank 0 publishes the directory."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     run_dir = Path(run_dir)
     final, temporary = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.partial"
@@ -114,14 +114,20 @@ def save_sharded(run_dir: Path, step: int, module, optimizer, scheduler, trainer
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
     world.barrier()
-    model_state, optimizer_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(temporary / "dcp"))
+    # before the first update the optimizer has no state, and get_state_dict would create it with a zero step
+    with_optimizer = bool(optimizer.state)
+    if with_optimizer:
+        model_state, optimizer_state = get_state_dict(module, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    else:
+        state = {"model": get_model_state_dict(module)}
+    dcp.save(state, checkpoint_id=str(temporary / "dcp"))
     torch.save(rng_states(), temporary / f"rng-rank{world.rank}.pt")
     (temporary / f"trainer_state-rank{world.rank}.json").write_text(json.dumps(trainer_state))
     world.barrier()
     if world.main:
         torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-        (temporary / "world.json").write_text(json.dumps({"world_size": world.size}))
+        (temporary / "world.json").write_text(json.dumps({"world_size": world.size, "optimizer": with_optimizer}))
         _publish(run_dir, temporary, final, keep)
     world.barrier()
 
@@ -129,7 +135,8 @@ def save_sharded(run_dir: Path, step: int, module, optimizer, scheduler, trainer
 def load_any(path: Path, module, model, optimizer, scheduler, world) -> dict:
     """``load`` or its torchrun form, whichever wrote the checkpoint; the number of ranks must match."""
     sharded = (path / "world.json").is_file()
-    written_by = json.loads((path / "world.json").read_text())["world_size"] if sharded else 1
+    layout = json.loads((path / "world.json").read_text()) if sharded else {"world_size": 1}
+    written_by = layout["world_size"]
     if written_by != world.size:
         raise CheckpointError(f"{path} was written by {written_by} process(es); this run has {world.size}: resume "
                               f"it with torchrun --nproc_per_node {written_by}" if written_by > 1 else
@@ -137,16 +144,28 @@ def load_any(path: Path, module, model, optimizer, scheduler, world) -> dict:
     if not sharded:
         return load(path, model, optimizer, scheduler)
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
-    model_state, optimizer_state = get_state_dict(module, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    own = [path / name for name in ("scheduler.pt", f"rng-rank{world.rank}.pt",
+                                    f"trainer_state-rank{world.rank}.json")]
+    missing = [p.name for p in own if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} missing")
+    if layout.get("optimizer", True):
+        model_state, optimizer_state = get_state_dict(module, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    else:
+        state = {"model": get_model_state_dict(module)}
     try:
         dcp.load(state, checkpoint_id=str(path / "dcp"))
     except Exception as exc:  # DCP wraps a missing key or a shape mismatch in its own exception types
         raise CheckpointError(f"{path} holds another model's weights ({str(exc).splitlines()[0]}); resume with "
                               "the run's own --model") from None
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if "optimizer" in state:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        set_model_state_dict(module, state["model"])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     states = torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)
     torch.set_rng_state(states["cpu"])

@@ -14,7 +14,7 @@ SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
 # what --resume may change: how long the run goes on and what it logs, not what it computes
 RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
-             "output_dir")
+             "ddp_timeout", "output_dir")
 
 
 def option(default, help, switch=False):

@@ -11,10 +11,11 @@ import os
 import torch
 import torch.distributed as dist
 
-# metrics that add up across ranks (the others are averaged; step time and memory take the largest)
-SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs",
-          "queued_prompts")
+# metrics that add up across ranks (the others are averaged; step time and memory take the largest; the step, the
+# update count and the shared queue's length are the same everywhere)
+SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs")
 LARGEST = ("step_seconds", "peak_memory_mb")
+SHARED = ("step", "updates", "queued_prompts")
 
 
 class World:
@@ -40,15 +41,20 @@ class World:
         dist.all_gather(parts, values.contiguous())
         return torch.cat(parts)
 
+    def gather_objects(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order."""
+        if not self.distributed:
+            return items
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, items)
+        return [item for part in everyone for item in part]
+
     def reduce(self, values, op):
         if not self.distributed:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
         dist.all_reduce(tensor, op=op)
         return tensor.tolist()
-
-    def minimum(self, value: int) -> int:
-        return int(self.reduce([value], dist.ReduceOp.MIN)[0]) if self.distributed else value
 
     def total(self, value: float) -> float:
         return self.reduce([value], dist.ReduceOp.SUM)[0] if self.distributed else value
@@ -59,7 +65,8 @@ class World:
         if not self.distributed:
             return metrics
         everyone = [None] * self.size
-        dist.all_gather_object(everyone, sorted(n for n, v in metrics.items() if isinstance(v, (int, float))))
+        dist.all_gather_object(everyone, sorted(n for n, v in metrics.items()
+                                                if isinstance(v, (int, float)) and n not in SHARED))
         names = sorted(set().union(*everyone))
         present = [name in metrics for name in names]
         values = [float(metrics[name]) if here else 0.0 for name, here in zip(names, present)]
@@ -134,19 +141,21 @@ def reshard(module):
 @contextlib.contextmanager
 def gathered(module, world: World):
     """Full parameters on every rank for the duration (generation runs outside the sharded forward): gathered
-    once and kept, so that ranks whose rollouts end at different lengths run no collective meanwhile."""
+    once and kept, so that ranks whose rollouts end at different lengths run no collective meanwhile. The root
+    keeps FSDP's own setting (its parameters stay gathered after a forward, for the backward)."""
     if not world.distributed:
         yield
         return
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False)
+    layers = [m for m in module.modules() if isinstance(m, FSDPModule) and m is not module]
+    for unit in layers:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in [module, *layers]:
         unit.unshard()
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True)
+        for unit in layers:
+            unit.set_reshard_after_forward(True, recurse=False)
+        reshard(module)

@@ -236,7 +236,8 @@ def generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, 
     model_defaults, model.generation_config = model.generation_config, generation
     try:
         with runtime.autocast():
-            out = model.generate(ids, attention_mask=attention)
+            # no per-token sync across ranks: the caller has gathered the parameters (distributed.gathered)
+            out = model.generate(ids, attention_mask=attention, synced_gpus=False)
     finally:
         model.generation_config = model_defaults
     return [until_eos(row, codec.eos_ids) for row in out[:, width:].tolist()]

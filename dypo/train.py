@@ -270,8 +270,9 @@ class Trainer:
                     graded.advantages[first * k + i].item()) for i, c in enumerate(completions)]
         old_logps, entropy = completion_logprobs(self.policy, rows, codec.pad_id, world.device, config.temperature,
                                                  entropy=True)
-        ref_logps = completion_logprobs(self.reference_head, rows, codec.pad_id, world.device,
-                                        config.temperature) if self.needs_reference else [None] * len(rows)
+        ref_logps = completion_logprobs(self.reference_head, rows, codec.pad_id, world.device, config.temperature) \
+            if self.needs_reference and Route.RL in routes else [None] * len(rows)
+        routed_here = []
         for g, (problem, route) in enumerate(zip(problems, routes)):  # every rank draws every teacher choice
             solutions = problem.teacher_solutions if config.sft_teachers == "all" or route != Route.SFT else \
                 [self.rng.choice(problem.teacher_solutions)]
@@ -281,10 +282,12 @@ class Trainer:
             if route == Route.RL:
                 for i in own:
                     rows[i].old_logps, rows[i].ref_logps = old_logps[i], ref_logps[i]
-                self.queues.push(step, Route.RL, [rows[i] for i in own])
+                routed_here.append((Route.RL, [rows[i] for i in own]))
             elif route == Route.SFT:
                 ids = prompt_ids[g - first]
-                self.queues.push(step, Route.SFT, [Row(ids + codec.solution_ids(text), len(ids)) for text in solutions])
+                routed_here.append((Route.SFT, [Row(ids + codec.solution_ids(text), len(ids)) for text in solutions]))
+        for route, group_rows in world.gather_objects(routed_here):  # one queue, the same on every rank
+            self.queues.push(step, route, group_rows)
         routed = [r for r in routes if r != Route.SKIP]
         metrics = {"reward_mean": all_rewards.mean().item(),
                    **{f"share_{grade.name.lower()}": (graded.grade == grade).float().mean().item() for grade in Grade},
@@ -339,15 +342,17 @@ class Trainer:
                 **{name: float(value) for name, value in loss_metrics.items() if name in UPDATE_METRICS}}
 
     def train_step(self, step):
-        """One step: rollouts of prompts_per_step prompts, then every update the queues can fill (under torchrun:
-        whenever every rank's queues hold its share of train_batch_size). Returns the metrics merged over ranks."""
+        """One step: rollouts of prompts_per_step prompts, then every update the queues can fill (under torchrun the
+        queues hold every rank's groups, and each rank trains on its block of the batch). Returns the metrics
+        merged over ranks."""
         started = time.monotonic()
         if self.world.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         metrics, samples = self.rollout(self.source.next(self.config.prompts_per_step), step)
-        updates, share = [], self.config.train_batch_size // self.world.size
-        while self.world.minimum(len(self.queues)) >= share:
-            updates.append(self.update(self.queues.pop_batch(share), step))
+        updates, share, rank = [], self.config.train_batch_size // self.world.size, self.world.rank
+        while len(self.queues) >= self.config.train_batch_size:
+            batch = self.queues.pop_batch(self.config.train_batch_size)
+            updates.append(self.update(batch[rank * share:(rank + 1) * share], step))
         with warnings.catch_warnings():  # a step without an update (every prompt easy) still advances the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -367,15 +372,15 @@ class Trainer:
         """Share of greedy completions whose reward exceeds 0.5 (each rank decodes every size-th prompt)."""
         mine = problems[self.world.rank::self.world.size]
         correct = 0.0
-        if mine:
-            with distributed.gathered(self.policy, self.world):
+        with distributed.gathered(self.policy, self.world):  # every rank gathers, even one without prompts
+            if mine:
                 completions = policy.generate(self.model, self.codec, self.runtime,
                                               [self.codec.prompt_ids(p.prompt) for p in mine],
                                               max_new_tokens=self.config.max_new_tokens, temperature=1.0,
                                               greedy=True)
-            texts = [self.codec.text(c) for c in completions]
-            rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
-            correct = float(sum(r > 0.5 for r in rewards))
+                texts = [self.codec.text(c) for c in completions]
+                rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
+                correct = float(sum(r > 0.5 for r in rewards))
         return self.world.total(correct) / len(problems)
 
     def full_state_dict(self):

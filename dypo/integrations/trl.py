@@ -11,12 +11,18 @@ What changes against GRPOTrainer, and nothing else:
   dropped); ``switch_gate`` holds plain GRPO for the first optimizer steps;
 - the generation batch is shuffled and split by whole groups (GAL pairs rollouts within a group), so
   ``per_device_train_batch_size`` must be a multiple of ``num_generations``;
-- the loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs through its
-  (wrapped) forward with ``output_hidden_states=True, logits_to_keep=1``, so no [batch, tokens, vocab] logits are
-  built. TRL's advantages, old and reference log-probs, ``beta``, ``epsilon``/``epsilon_high``, ``temperature``
-  and ``loss_type`` (grpo, bnpo, dr_grpo, dapo) are used as they are; GAL's reference term exists when TRL has a
-  reference model (``beta`` > 0), else GAL compares the policy's own sequence log-probs.
-Text-only models; tested on CPU with one process (see tests/integrations/test_trl.py).
+- the training loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs
+  through its (wrapped) forward with ``output_hidden_states=True, logits_to_keep=1``, so no [batch, tokens, vocab]
+  logits are built. TRL's advantages, old and reference log-probs, ``beta``, ``epsilon``/``epsilon_high`` and
+  ``temperature`` are used as they are; ``loss_type`` grpo, bnpo, dr_grpo or dapo aggregates as ``dypo_loss`` does,
+  over each micro-batch (TRL's dapo normalises by the whole generation batch's tokens, its dr_grpo by
+  ``max_completion_length``). GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL
+  compares the policy's own sequence log-probs. Evaluation keeps TRL's own loss.
+Refused, because the fused loss would silently ignore them: FSDP and DeepSpeed ZeRO-3 (the lm_head weight is read
+outside the forward), vLLM's importance-sampling correction, tool masks, top_entropy_quantile < 1,
+off_policy_mask_threshold, delta, sequence-level importance sampling, entropy_coef, cast_lm_head_to_fp32, and models
+whose logits are not lm_head(last hidden state). Text-only models; tested on CPU with one process
+(tests/integrations/test_trl.py).
 """
 
 import random
@@ -25,8 +31,13 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from dypo.policy import Runtime, _check_head
 from dypo_kernels import Grade, Route, dypo_loss, group_advantages
 from dypo_kernels.sweep import LOSS_TYPES
+
+# GRPOConfig options the fused loss cannot honour, with the value that is safe
+UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "delta": None,
+               "importance_sampling_level": "token", "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
 
 
 class DYPOTrainer(GRPOTrainer):
@@ -41,6 +52,18 @@ class DYPOTrainer(GRPOTrainer):
                              f"({self.num_generations}): GAL needs whole groups in a batch")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
+        for name, safe in UNSUPPORTED.items():
+            if getattr(self.args, name, safe) != safe:
+                raise ValueError(f"DYPOTrainer does not support {name}={getattr(self.args, name)!r} (use {safe!r})")
+        if self.args.use_vllm and self.args.vllm_importance_sampling_correction:
+            raise ValueError("DYPOTrainer does not apply vLLM's importance-sampling correction: set "
+                             "vllm_importance_sampling_correction=False")
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+            raise ValueError("DYPOTrainer reads lm_head.weight outside the forward: FSDP and DeepSpeed ZeRO-3 would "
+                             "hand it a shard (use DDP or ZeRO-1/2, or python -m dypo.train under torchrun)")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        _check_head(unwrapped, type(unwrapped).__name__, Runtime(next(unwrapped.parameters()).device))
         self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
         self.teachers_field = teachers_field
         self._teacher_rng = random.Random(self.args.seed)
@@ -71,6 +94,7 @@ class DYPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * rows
         rewards = all_rewards[start:start + rows].float()
         grades = group_advantages(rewards.cpu(), group_size=k).grade.tolist()
+        all_grades = group_advantages(all_rewards.float().cpu(), group_size=k).grade
         plain_grpo = self.state.global_step < self.switch_gate
         route = torch.full((rows,), int(Route.RL), device=device)
         teacher_rows = {}
@@ -84,9 +108,9 @@ class DYPOTrainer(GRPOTrainer):
         if teacher_rows:
             self._put_teacher_solutions(output, teacher_rows)
         output.update(route=route, rewards=rewards)
-        mode = "train"
-        self._metrics[mode]["dypo/share_hard"].append(sum(g == Grade.HARD for g in grades) / len(grades))
-        self._metrics[mode]["dypo/share_easy"].append(sum(g == Grade.EASY for g in grades) / len(grades))
+        for grade in (Grade.HARD, Grade.MID, Grade.EASY):  # over every process's groups
+            self._metrics["train"][f"dypo/share_{grade.name.lower()}"].append(
+                (all_grades == grade).float().mean().item())
         return output
 
     @staticmethod
@@ -118,6 +142,10 @@ class DYPOTrainer(GRPOTrainer):
 
     # the loss ---------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
+        if not self.model.training:
+            return super()._compute_loss(model, inputs)
+        if "tool_mask" in inputs:
+            raise ValueError("DYPOTrainer does not support tool masks (tool-output tokens would be trained)")
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -137,8 +165,11 @@ class DYPOTrainer(GRPOTrainer):
             eps_high=self.epsilon_high, loss_type=self.loss_type,
             bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
             temperature=self.temperature, return_metrics=True)
+        present = {"loss_sft": metrics["num_prompts_sft"] > 0, "loss_grpo": metrics["num_prompts_rl"] > 0,
+                   "loss_gal": metrics.get("num_pairs", 0) > 0, "pair_accuracy": metrics.get("num_pairs", 0) > 0}
         for name in ("loss_sft", "loss_grpo", "loss_gal", "pair_accuracy", "clip_fraction_low", "clip_fraction_high",
                      "mean_kl"):
-            if name in metrics:
+            if name in metrics and present.get(name, True):
                 self._metrics["train"][f"dypo/{name}"].append(float(metrics[name]))
-        return loss
+        # TRL's trainer does not divide by the accumulation steps (loss_is_scaled_for_ga): the loss must
+        return loss / self.current_gradient_accumulation_steps

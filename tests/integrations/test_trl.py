@@ -38,7 +38,8 @@ def test_a_few_steps_run_and_change_the_parameters(trainer):
 
 
 def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
-    model = trainer.model
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets for each accumulation window
     torch.manual_seed(1)
     prompt_ids = torch.randint(4, 20, (4, 3))
     completion_ids = torch.randint(4, 20, (4, 5))
@@ -55,6 +56,19 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
                          ref_logps=inputs["ref_per_token_logps"], alpha=0.5, beta_kl=0.04,
                          loss_type=trainer.loss_type, eps_low=0.2, eps_high=0.2)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    trainer.current_gradient_accumulation_steps = 2  # TRL leaves the division by accumulation steps to the loss
+    torch.testing.assert_close(trainer._compute_loss(model, inputs), expected / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option,value", [("top_entropy_quantile", 0.5), ("entropy_coef", 0.1),
+                                          ("loss_type", "cispo")])
+def test_options_the_fused_loss_cannot_honour_are_refused(tmp_path, option, value):
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                      report_to="none", use_cpu=True, bf16=False, **{option: value})
+    with pytest.raises(ValueError, match=option):
+        DYPOTrainer(model=str(model_dir), reward_funcs=right_answer, args=args,
+                    train_dataset=Dataset.from_list([{"prompt": "1+1=", "ground_truth": "2", "target": ["2"]}] * 4))
 
 
 def test_groups_must_fit_whole_in_a_batch(tmp_path):

@@ -1,7 +1,7 @@
 """python tests/trainer/forced_rollouts.py [dypo.train options], alone or under torchrun: the trainer with
 rollouts fixed by the prompt instead of sampled, so that one process and several see the same data. For 'a+b=' the
-first (3a + b) mod 5 of the 8 rollouts are right: every group is hard or mid, never easy, so every step routes all
-prompts and the ranks' blocks of the queues make up the single process's batch. Each rank writes the SHA-256 of
+first (3a + b) mod 9 of the 8 rollouts are right: groups of every grade, so some steps route fewer prompts than a
+batch and the queue carries groups over. Each rank writes the SHA-256 of
 the full trained parameters to OUTPUT_DIR/params-rank<r>.sha256."""
 
 import hashlib
@@ -20,7 +20,7 @@ def forced_generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temper
         prompt = codec.text(ids)
         a, b = (int(n) for n in prompt.rstrip("=").split("+"))
         j = seen[prompt] = seen.get(prompt, -1) + 1
-        right = j % 8 < (3 * a + b) % 5
+        right = j % 8 < (3 * a + b) % 9
         completions.append(codec.solution_ids(str(a + b if right else a + b + 1)))
     return completions
 
