@@ -3,8 +3,10 @@ parameters, both ranks hold the same parameters, checkpoints resume, and mismatc
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,24 @@ def test_batch_sizes_must_divide_among_the_ranks(monkeypatch, tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "prompts_per_step (8) must be a multiple of the number of processes (3)" in error
+
+
+def test_a_dead_rank_ends_the_run_and_the_last_checkpoint_stays_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FORCED,
+         "--max_steps", "500", "--save_steps", "2", "--eval_prompts", "2", "--ddp_timeout", "30", "--output_dir",
+         str(run_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    while not (run_dir.exists() and checkpoint.checkpoints(run_dir)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert launcher.wait(timeout=120) != 0  # the surviving rank is ended, not left waiting
+    assert time.monotonic() - killed_at < 60
+    newest = checkpoint.checkpoints(run_dir)[-1]
+    assert sharded_weights(newest)  # complete and loadable
