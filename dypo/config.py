@@ -14,7 +14,7 @@ SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
 # what --resume may change: how long the run goes on and what it logs, not what it computes
 RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
-             "ddp_timeout", "output_dir")
+             "ddp_timeout", "log_prob_micro_batch_size", "generation_batch_size", "output_dir")
 
 
 def option(default, help, switch=False):
@@ -69,6 +69,11 @@ class Config:
     # update
     train_batch_size: int = option(8, "prompts per update: an update fires whenever the SFT and RL queues "
                                       "together hold this many")
+    micro_batch_size: int = option(0, "prompts per forward/backward of an update, gradients accumulated over the "
+                                      "batch; 0: the whole share at once")
+    log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
+                                               "log-probs); 0: all at once")
+    generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once")
     learning_rate: float = option(3e-3, "AdamW learning rate (tiny model; the paper's 1e-6 is for real models)")
     lr_scheduler_type: str = option("constant", f"one of {', '.join(SCHEDULES)} (after warmup)")
     warmup_ratio: float = option(0.0, "share of max_steps with a linear warmup")
@@ -112,7 +117,8 @@ def _check(config: Config, fail):
             fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")
     if not 0 <= config.epsilon < 1:
         fail(f"epsilon must lie in [0, 1); got {config.epsilon}")
-    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "weight_decay", "num_samples"):
+    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "weight_decay", "num_samples",
+                 "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):

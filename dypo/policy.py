@@ -218,11 +218,15 @@ def lm_head(model):
 
 
 @torch.no_grad()
-def generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False):
+def generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False, batch_size=0):
     """Completion token ids of each prompt (through its first EOS, which is kept). Sampling is from
     softmax(logits / temperature) alone: a fresh generation config replaces the model's, whose repetition
     penalties, top-k/top-p and the like would make the rollouts come from another distribution than the one the
-    losses' log-probs describe."""
+    losses' log-probs describe. ``batch_size`` prompts per generate() call (0: all at once)."""
+    if batch_size and len(prompt_ids) > batch_size:
+        return [completion for start in range(0, len(prompt_ids), batch_size)
+                for completion in generate(model, codec, runtime, prompt_ids[start:start + batch_size],
+                                           max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)]
     from transformers import GenerationConfig
 
     width = max(map(len, prompt_ids))

@@ -41,6 +41,7 @@ from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_a
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
                   "mean_ratio", "mean_kl", "pair_accuracy", "num_pairs", "num_prompts_sft", "num_prompts_rl",
                   "grad_norm", "learning_rate", "train_tokens")
+COUNTS = ("num_prompts_sft", "num_prompts_rl", "num_pairs")  # summed over an update's micro-batches
 
 
 @dataclasses.dataclass
@@ -164,20 +165,28 @@ def padded_batch(rows, pad_id, device):
 
 
 @torch.no_grad()
-def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False):
+def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False, batch_size=0):
     """Per-row log-probs of the completion tokens (lists) from a FusedHead (hidden states and the fused op, no
-    logits); with ``entropy`` also the mean policy entropy over those tokens."""
-    ids, attention, targets, mask = padded_batch(rows, pad_id, device)
-    result = head(ids, attention, lambda hidden, weight, bias: fused_linear_logprobs(
-        hidden, weight, targets.masked_fill(~mask, -100), bias=bias, temperature=temperature,
-        return_entropy=entropy))
-    if isinstance(head, FSDPModule):
-        distributed.reshard(head)  # a forward without backward leaves the root gathered
-    logps, token_entropy = result if entropy else (result, None)
-    per_row = [logps[i][mask[i]].float().tolist() for i in range(len(rows))]
+    logits), ``batch_size`` rows per forward (0: all at once); with ``entropy`` also the mean policy entropy over
+    those tokens."""
+    per_row, entropy_sum, tokens = [], 0.0, 0
+    size = batch_size or len(rows)
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        ids, attention, targets, mask = padded_batch(chunk, pad_id, device)
+        result = head(ids, attention, lambda hidden, weight, bias: fused_linear_logprobs(
+            hidden, weight, targets.masked_fill(~mask, -100), bias=bias, temperature=temperature,
+            return_entropy=entropy))
+        if isinstance(head, FSDPModule):
+            distributed.reshard(head)  # a forward without backward leaves the root gathered
+        logps, token_entropy = result if entropy else (result, None)
+        per_row += [logps[i][mask[i]].float().tolist() for i in range(len(chunk))]
+        if entropy:
+            entropy_sum += token_entropy.float()[mask].sum().item()
+            tokens += int(mask.sum())
     if not entropy:
         return per_row
-    return per_row, (token_entropy.float()[mask].mean().item() if mask.any() else 0.0)
+    return per_row, entropy_sum / max(tokens, 1)
 
 
 def route_groups(grades, strategy, step, config):
@@ -259,7 +268,8 @@ class Trainer:
         with distributed.gathered(self.policy, world):
             completions = policy.generate(self.model, codec, self.runtime,
                                           [ids for ids in prompt_ids for _ in range(k)],
-                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                          batch_size=config.generation_batch_size)
         texts = [codec.text(c) for c in completions]
         rewards = score(self.reward_function, [p.prompt for p in mine for _ in range(k)], texts,
                         [p.answer for p in mine for _ in range(k)])
@@ -269,8 +279,9 @@ class Trainer:
         rows = [Row(prompt_ids[i // k] + c, len(prompt_ids[i // k]), rewards[i],
                     graded.advantages[first * k + i].item()) for i, c in enumerate(completions)]
         old_logps, entropy = completion_logprobs(self.policy, rows, codec.pad_id, world.device, config.temperature,
-                                                 entropy=True)
-        ref_logps = completion_logprobs(self.reference_head, rows, codec.pad_id, world.device, config.temperature) \
+                                                 entropy=True, batch_size=config.log_prob_micro_batch_size)
+        ref_logps = completion_logprobs(self.reference_head, rows, codec.pad_id, world.device, config.temperature,
+                                        batch_size=config.log_prob_micro_batch_size) \
             if self.needs_reference and Route.RL in routes else [None] * len(rows)
         routed_here = []
         for g, (problem, route) in enumerate(zip(problems, routes)):  # every rank draws every teacher choice
@@ -327,17 +338,32 @@ class Trainer:
         return loss, metrics, int(mask.sum())
 
     def update(self, groups, step):
-        """One optimizer step on a batch of routed groups: dypo_loss, clip, step."""
+        """One optimizer step on a batch of routed groups: dypo_loss, clip, step. With ``micro_batch_size`` the
+        batch goes through forward and backward that many prompts at a time, each part weighted by its share of
+        the prompts (for loss_type grpo the sum is exactly the whole batch's loss)."""
         _, alpha = route_groups([], self.config.strategy, step, self.config)
-        loss, loss_metrics, tokens = self.loss(groups, alpha)
+        size = self.config.micro_batch_size or len(groups)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, tokens, parts = 0.0, 0, []
+        for start in range(0, len(groups), size):
+            micro = groups[start:start + size]
+            micro_loss, micro_metrics, micro_tokens = self.loss(micro, alpha)
+            if len(micro) < len(groups):
+                micro_loss = micro_loss * (len(micro) / len(groups))
+            micro_loss.backward()
+            loss, tokens = loss + micro_loss.item(), tokens + micro_tokens
+            parts.append((len(micro) / len(groups), micro_metrics))
+        loss_metrics = {}
+        for name in {name for _, metrics in parts for name in metrics}:
+            values = [(weight, float(metrics[name])) for weight, metrics in parts if name in metrics]
+            loss_metrics[name] = sum(value for _, value in values) if name in COUNTS else \
+                sum(weight * value for weight, value in values) / sum(weight for weight, _ in values)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.updates += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": self.scheduler.get_last_lr()[0],
+        return {"loss": loss, "grad_norm": grad_norm.item(), "learning_rate": self.scheduler.get_last_lr()[0],
                 "train_tokens": tokens,
                 **{name: float(value) for name, value in loss_metrics.items() if name in UPDATE_METRICS}}
 
@@ -377,7 +403,7 @@ class Trainer:
                 completions = policy.generate(self.model, self.codec, self.runtime,
                                               [self.codec.prompt_ids(p.prompt) for p in mine],
                                               max_new_tokens=self.config.max_new_tokens, temperature=1.0,
-                                              greedy=True)
+                                              greedy=True, batch_size=self.config.generation_batch_size)
                 texts = [self.codec.text(c) for c in completions]
                 rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
                 correct = float(sum(r > 0.5 for r in rewards))

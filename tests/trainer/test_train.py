@@ -85,6 +85,29 @@ def test_all_teachers_option_trains_on_every_solution(monkeypatch):
     assert completions == {"6", "(3+3)=6"}
 
 
+def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch):
+    whole = forced_trainer(monkeypatch, train_batch_size=2)
+    whole_metrics, _ = whole.train_step(0)
+    parts = forced_trainer(monkeypatch, train_batch_size=2, micro_batch_size=1, log_prob_micro_batch_size=3)
+    parts_metrics, _ = parts.train_step(0)
+    assert parts_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
+    assert parts_metrics["num_prompts_sft"] == whole_metrics["num_prompts_sft"] == 1
+    assert parts_metrics["entropy"] == pytest.approx(whole_metrics["entropy"], rel=1e-5)
+    for a, b in zip(whole.model.parameters(), parts.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_generation_in_chunks_gives_the_same_greedy_completions():
+    from dypo.policy import generate, load_policy
+
+    torch.manual_seed(0)
+    model, codec, runtime = load_policy(Config())
+    prompts = [codec.prompt_ids(p) for p in ("1+2=", "33+4=", "5+66=", "7+8=", "9+1=")]
+    whole = generate(model, codec, runtime, prompts, max_new_tokens=5, temperature=1.0, greedy=True)
+    assert generate(model, codec, runtime, prompts, max_new_tokens=5, temperature=1.0, greedy=True,
+                    batch_size=2) == whole
+
+
 def test_queues_fire_in_arrival_order_and_survive_a_round_trip():
     queues = Queues()
     for step, route in enumerate([Route.SFT, Route.RL, Route.RL, Route.SFT]):
