@@ -4,8 +4,8 @@ then renamed to ``checkpoint-STEP`` (STEP steps done), so a directory with that 
 One process: the model as safetensors, the optimizer, scheduler and RNG states as tensors loaded with
 ``weights_only=True``, the trainer's state (step, queues, Python RNG) as JSON: nothing is unpickled.
 Under torchrun: model and optimizer through torch.distributed.checkpoint (each rank writes its shards; DCP's own
-metadata file is a pickle this run wrote), each rank's RNG and trainer state (its queues) in its own files, and
-``world.json`` with the number of ranks, which a resume must match."""
+metadata file is a pickle this run wrote), each rank's RNG and trainer state in its own files, and ``world.json``
+with the number of ranks."""
 
 import json
 import os
@@ -132,24 +132,22 @@ def save_sharded(run_dir: Path, step: int, module, optimizer, scheduler, trainer
     world.barrier()
 
 
-def load_any(path: Path, module, model, optimizer, scheduler, world) -> dict:
-    """``load`` or its torchrun form, whichever wrote the checkpoint; the number of ranks must match."""
+def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> dict:
+    """``load`` or its torchrun form, whichever wrote the checkpoint. A sharded checkpoint resumes on any number
+    of processes, one included: DCP reshards the model and optimizer, the trainer's state is the same on every rank
+    (one shared queue), and a rank that did not exist before gets a fresh sampling seed. A single-process
+    checkpoint resumes on one process only."""
     sharded = (path / "world.json").is_file()
     layout = json.loads((path / "world.json").read_text()) if sharded else {"world_size": 1}
-    written_by = layout["world_size"]
-    if written_by != world.size:
-        raise CheckpointError(f"{path} was written by {written_by} process(es); this run has {world.size}: resume "
-                              f"it with torchrun --nproc_per_node {written_by}" if written_by > 1 else
-                              f"{path} was written by one process: resume it without torchrun")
     if not sharded:
+        if world.distributed:
+            raise CheckpointError(f"{path} was written by one process: resume it without torchrun")
         return load(path, model, optimizer, scheduler)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
 
-    own = [path / name for name in ("scheduler.pt", f"rng-rank{world.rank}.pt",
-                                    f"trainer_state-rank{world.rank}.json")]
-    missing = [p.name for p in own if not p.is_file()]
+    missing = [name for name in ("scheduler.pt", "trainer_state-rank0.json") if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} missing")
     if layout.get("optimizer", True):
@@ -167,8 +165,13 @@ def load_any(path: Path, module, model, optimizer, scheduler, world) -> dict:
     else:
         set_model_state_dict(module, state["model"])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    states = torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(states["cuda"]))
-    return json.loads((path / f"trainer_state-rank{world.rank}.json").read_text())
+    trainer_state = json.loads((path / "trainer_state-rank0.json").read_text())
+    rng_file = path / f"rng-rank{world.rank}.pt"
+    if layout["world_size"] == world.size and rng_file.is_file():
+        states = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(states["cuda"]))
+    else:  # another layout: every rank starts a new sampling stream
+        torch.manual_seed(seed * 1_000_003 + trainer_state["step"] * 1_009 + world.rank)
+    return trainer_state

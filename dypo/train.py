@@ -513,7 +513,7 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     saved = checkpoint.checkpoints(out) if resume else []
     if saved:
         state = checkpoint.load_any(saved[-1], trainer.policy, trainer.model, trainer.optimizer, trainer.scheduler,
-                                    world)
+                                    world, seed=config.seed)
         trainer.load_state(state)
         accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
         _say(world, f"resumed {out} from {saved[-1].name}")

@@ -14,7 +14,7 @@ import dypo.policy
 import dypo.train
 
 
-def forced_generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False):
+def forced_generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temperature, greedy=False, batch_size=0):
     completions, seen = [], {}
     for ids in prompt_ids:
         prompt = codec.text(ids)

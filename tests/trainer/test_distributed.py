@@ -3,6 +3,7 @@ parameters, both ranks hold the same parameters, checkpoints resume, and mismatc
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,16 +80,24 @@ def test_both_ranks_hold_the_same_parameters(runs):
         "trainer_state-rank1.json", "world.json"]
 
 
-def test_a_sharded_checkpoint_resumes_and_refuses_another_world_size(runs, capsys):
+def test_a_sharded_checkpoint_resumes_on_two_ranks_or_on_one(runs, tmp_path):
     _, pair = runs
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--resume", str(pair), "--max_steps", "8"])
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "written by 2 process(es); this run has 1" in error
-    assert "torchrun --nproc_per_node 2" in error
+    alone = tmp_path / "alone"
+    shutil.copytree(pair, alone)
     torchrun(FORCED, "--resume", str(pair), "--max_steps", "8")
     assert [json.loads(line)["step"] for line in (pair / "metrics.jsonl").read_text().splitlines()] == list(range(8))
     assert [p.name for p in checkpoint.checkpoints(pair)] == ["checkpoint-6", "checkpoint-8"]
+    run(sys.executable, FORCED, "--resume", str(alone), "--max_steps", "8")  # 2 ranks -> 1: DCP reshards
+    assert [json.loads(line)["step"] for line in (alone / "metrics.jsonl").read_text().splitlines()] == list(range(8))
+    assert (alone / "checkpoint-8" / "model.safetensors").is_file()
+
+
+def test_a_single_process_checkpoint_is_refused_under_torchrun(runs, capsys):
+    single, _ = runs
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             FORCED, "--resume", str(single), "--max_steps", "8"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0 and "was written by one process: resume it without torchrun" in result.stderr
 
 
 def test_real_rollouts_and_an_eval_prompt_fewer_than_the_ranks(tmp_path):
