@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,10 +157,14 @@ def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> 
     else:
         state = {"model": get_model_state_dict(module)}
     try:
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-    except Exception as exc:  # DCP wraps a missing key or a shape mismatch in its own exception types
-        raise CheckpointError(f"{path} holds another model's weights ({str(exc).splitlines()[0]}); resume with "
-                              "the run's own --model") from None
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is what is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except (Exception, dcp.api.CheckpointException) as exc:  # DCP's own type derives from BaseException
+        shards = sorted(p.name for p in (path / "dcp").glob("*.distcp"))
+        reason = f"shard files {shards} on disk" if len(shards) < layout["world_size"] else \
+            "another model's weights? resume with the run's own --model"
+        raise CheckpointError(f"{path} cannot be loaded ({reason}): {str(exc).splitlines()[0][:200]}") from None
     if "optimizer" in state:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:

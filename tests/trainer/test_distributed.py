@@ -92,6 +92,18 @@ def test_a_sharded_checkpoint_resumes_on_two_ranks_or_on_one(runs, tmp_path):
     assert (alone / "checkpoint-8" / "model.safetensors").is_file()
 
 
+def test_a_missing_shard_is_a_clear_error(runs, tmp_path, capsys):
+    _, pair = runs
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pair, damaged)
+    newest = checkpoint.checkpoints(damaged)[-1]
+    (newest / "dcp" / "__1_0.distcp").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(damaged)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot be loaded (shard files ['__0_0.distcp'] on disk)" in error
+
+
 def test_a_single_process_checkpoint_is_refused_under_torchrun(runs, capsys):
     single, _ = runs
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
