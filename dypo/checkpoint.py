@@ -148,7 +148,10 @@ def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> 
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
 
-    missing = [name for name in ("scheduler.pt", "trainer_state-rank0.json") if not (path / name).is_file()]
+    needed = ["scheduler.pt", "trainer_state-rank0.json", "dcp/.metadata"]
+    if layout["world_size"] == world.size:
+        needed.append(f"rng-rank{world.rank}.pt")
+    missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} missing")
     if layout.get("optimizer", True):
@@ -161,10 +164,13 @@ def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> 
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             dcp.load(state, checkpoint_id=str(path / "dcp"))
     except (Exception, dcp.api.CheckpointException) as exc:  # DCP's own type derives from BaseException
-        shards = sorted(p.name for p in (path / "dcp").glob("*.distcp"))
-        reason = f"shard files {shards} on disk" if len(shards) < layout["world_size"] else \
-            "another model's weights? resume with the run's own --model"
-        raise CheckpointError(f"{path} cannot be loaded ({reason}): {str(exc).splitlines()[0][:200]}") from None
+        written = {info.relative_path for info in dcp.FileSystemReader(str(path / "dcp")).read_metadata()
+                   .storage_data.values()}
+        absent = sorted(name for name in written if not (path / "dcp" / name).is_file())
+        reason = f"shard files missing: {', '.join(absent)}" if absent else \
+            "another model's weights, or a damaged shard? resume with the run's own --model"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path} cannot be loaded ({reason}): {detail}") from None
     if "optimizer" in state:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:

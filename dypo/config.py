@@ -12,9 +12,10 @@ STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
 SCHEDULES = ("constant", "linear", "cosine")
 SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
-# what --resume may change: how long the run goes on and what it logs, not what it computes
+# what --resume may change: how long the run goes on, what it logs, and how its work is cut into pieces to fit in
+# memory (the chunk sizes; generation_batch_size changes which random numbers each rollout draws), not the method
 RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
-             "ddp_timeout", "log_prob_micro_batch_size", "generation_batch_size", "output_dir")
+             "ddp_timeout", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "output_dir")
 
 
 def option(default, help, switch=False):
@@ -70,7 +71,8 @@ class Config:
     train_batch_size: int = option(8, "prompts per update: an update fires whenever the SFT and RL queues "
                                       "together hold this many")
     micro_batch_size: int = option(0, "prompts per forward/backward of an update, gradients accumulated over the "
-                                      "batch; 0: the whole share at once")
+                                      "batch (exact for loss_type grpo; other aggregations normalise per part); "
+                                      "0: the whole share at once")
     log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
                                                "log-probs); 0: all at once")
     generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once")

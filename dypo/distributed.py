@@ -11,11 +11,35 @@ import os
 import torch
 import torch.distributed as dist
 
-# metrics that add up across ranks (the others are averaged; step time and memory take the largest; the step, the
-# update count and the shared queue's length are the same everywhere)
+# How the metrics of a step's parts (micro-batches, updates, ranks) merge: counts add up, step time and memory take
+# the largest, what every part shares is kept, a part's loss terms are weighted by the prompts (or pairs) they
+# cover, the rest is averaged.
 SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs")
 LARGEST = ("step_seconds", "peak_memory_mb")
 SHARED = ("step", "updates", "queued_prompts")
+WEIGHTED = {"loss_sft": "num_prompts_sft", "pair_accuracy": "num_pairs", "mean_margin": "num_pairs",
+            **{name: "num_prompts_rl" for name in ("loss_grpo", "loss_gal", "mean_ratio", "mean_entropy", "mean_kl",
+                                                   "clip_fraction_low", "clip_fraction_high")}}
+
+
+def merge_metrics(parts):
+    """One metrics dict from several parts' (see SUMMED, LARGEST, SHARED, WEIGHTED)."""
+    merged = {}
+    for name in dict.fromkeys(name for part in parts for name in part):
+        found = [part for part in parts if name in part]
+        values = [float(part[name]) for part in found]
+        if len(found) == 1 or name in SHARED:
+            merged[name] = found[0][name]
+        elif name in SUMMED:
+            merged[name] = sum(values)
+        elif name in LARGEST:
+            merged[name] = max(values)
+        elif name in WEIGHTED and sum(float(part.get(WEIGHTED[name], 0)) for part in found) > 0:
+            weights = [float(part.get(WEIGHTED[name], 0)) for part in found]
+            merged[name] = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        else:
+            merged[name] = sum(values) / len(values)
+    return merged
 
 
 class World:
@@ -60,23 +84,12 @@ class World:
         return self.reduce([value], dist.ReduceOp.SUM)[0] if self.distributed else value
 
     def combine(self, metrics: dict) -> dict:
-        """Every rank's metrics merged: summed, largest, or averaged over the ranks that have them (a rank whose
-        batch held no RL rows has no GRPO or GAL metrics)."""
+        """Every rank's metrics of a step, merged (``merge_metrics``)."""
         if not self.distributed:
             return metrics
         everyone = [None] * self.size
-        dist.all_gather_object(everyone, sorted(n for n, v in metrics.items()
-                                                if isinstance(v, (int, float)) and n not in SHARED))
-        names = sorted(set().union(*everyone))
-        present = [name in metrics for name in names]
-        values = [float(metrics[name]) if here else 0.0 for name, here in zip(names, present)]
-        summed = self.reduce(values + [float(here) for here in present], dist.ReduceOp.SUM)
-        largest = self.reduce([v if here else -float("inf") for v, here in zip(values, present)], dist.ReduceOp.MAX)
-        merged = dict(metrics)
-        for i, name in enumerate(names):
-            total, count = summed[i], summed[len(names) + i]
-            merged[name] = largest[i] if name in LARGEST else total if name in SUMMED else total / count
-        return merged
+        dist.all_gather_object(everyone, metrics)
+        return merge_metrics(everyone)
 
     def barrier(self):
         if self.distributed:

@@ -41,7 +41,6 @@ from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_a
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
                   "mean_ratio", "mean_kl", "pair_accuracy", "num_pairs", "num_prompts_sft", "num_prompts_rl",
                   "grad_norm", "learning_rate", "train_tokens")
-COUNTS = ("num_prompts_sft", "num_prompts_rl", "num_pairs")  # summed over an update's micro-batches
 
 
 @dataclasses.dataclass
@@ -352,12 +351,8 @@ class Trainer:
                 micro_loss = micro_loss * (len(micro) / len(groups))
             micro_loss.backward()
             loss, tokens = loss + micro_loss.item(), tokens + micro_tokens
-            parts.append((len(micro) / len(groups), micro_metrics))
-        loss_metrics = {}
-        for name in {name for _, metrics in parts for name in metrics}:
-            values = [(weight, float(metrics[name])) for weight, metrics in parts if name in metrics]
-            loss_metrics[name] = sum(value for _, value in values) if name in COUNTS else \
-                sum(weight * value for weight, value in values) / sum(weight for weight, _ in values)
+            parts.append({name: float(value) for name, value in micro_metrics.items()})
+        loss_metrics = distributed.merge_metrics(parts)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
@@ -383,11 +378,8 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         seconds = time.monotonic() - started
-        metrics = {"step": step, **metrics, "updates": len(updates), "queued_prompts": len(self.queues)}
-        for name in UPDATE_METRICS:
-            values = [u[name] for u in updates if name in u]
-            if values:
-                metrics[name] = sum(values) / len(values)
+        metrics = {"step": step, **metrics, "updates": len(updates), "queued_prompts": len(self.queues),
+                   **distributed.merge_metrics(updates)}
         metrics.update({"step_seconds": seconds,
                         "tokens_per_second": (metrics["rollout_tokens"] + metrics.get("train_tokens", 0)) / seconds,
                         "peak_memory_mb": peak_memory_mb(self.world.device)})

@@ -179,7 +179,8 @@ def token_weights(loss_type, mask, sequence, max_len=None):
         return 1.0 / (mask.shape[0] * lengths[sequence])
     if loss_type in ("bnpo", "dapo"):
         return (1.0 / mask.sum().clamp(min=1)).expand(sequence.shape[0]).contiguous()
-    return torch.full(sequence.shape, 1.0 / (mask.shape[0] * (max_len or mask.shape[-1])), device=mask.device)
+    return torch.full(sequence.shape, 1.0 / (max(mask.shape[0], 1) * (max_len or mask.shape[-1])),
+                      device=mask.device)
 
 
 def token_mean(values):

@@ -102,10 +102,13 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     check_number("alpha", alpha, low=0, high=1)
     check_number("gamma", gamma, low=0)
     check_number("beta_gal", beta_gal, low=0)
-    check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl")
-    check_temperature(temperature)
     ids, num_groups = group_ids(batch_size, device, None, group_index)
     is_rl, is_sft, prompts_rl, prompts_sft = _check_routes(route, ids, num_groups)
+    check_number("beta_kl", beta_kl, low=0)
+    if not prompts_rl:
+        beta_kl = 0.0  # the KL term sits on RL rows only: a batch without them needs no reference log-probs
+    check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl")
+    check_temperature(temperature)
     backend = select_backend(device)
 
     mask = mask.bool()

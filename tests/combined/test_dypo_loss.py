@@ -124,6 +124,28 @@ def test_only_skipped_rows_give_zero_with_zero_gradients(backend):
     assert all(torch.all(g == 0) for g in gradients(loss, batch))
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("only", [Route.SFT, Route.RL])
+def test_a_batch_with_one_route_only_matches_the_reference(backend, loss_type, only):
+    """Micro-batches of a trainer hold only SFT or only RL rows: the missing part weighs nothing (dr_grpo divided
+    by zero rows before), and SFT rows alone need no reference log-probs even with beta_kl > 0."""
+    batch, kwargs = dypo_inputs(backend, "stale")
+    keep = [route in (only, Route.SKIP) for route in ROUTE]
+    kwargs["route"] = torch.where(torch.tensor(keep).to(backend), kwargs["route"], int(Route.SKIP))
+    kwargs["loss_type"] = loss_type
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    if only == Route.SFT:
+        kwargs["ref_logps"] = None
+    loss = dypo_loss(*args, **kwargs)
+    expected = reference.dypo_loss(*args, **{**kwargs, "beta_kl": 0.0 if only == Route.SFT else 0.05})
+    assert relative_error(loss, expected) < 1e-5
+    for grad, ref in zip(gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5
+    if only == Route.RL:
+        with pytest.raises(ValueError, match="beta_kl=0.05 > 0 needs ref_logps"):
+            dypo_loss(*args, **{**kwargs, "ref_logps": None})
+
+
 def test_rollout_group_of_one_is_valid(backend):
     batch, kwargs = dypo_inputs(backend)
     kwargs["group_index"] = torch.tensor([0, 1, 0, 2, 3, 2, 1, 0, 4, 3]).to(backend)  # row 8: an RL group of one

@@ -23,15 +23,24 @@ RUN = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "3", "--eval_
        "--num_generations", "8", "--prompts_per_step", "8", "--train_batch_size", "8"]
 
 
-def run(*command):
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+# gloo's TCP transport on this sandbox has twice (in ~40 launches) broken a pair between two healthy ranks
+# ("Connection reset by peer" / EnforceNotMet); a launch that fails that way, and only that way, is retried once
+TRANSPORT_FAILURES = ("gloo/transport/tcp", "EnforceNotMet")
+
+
+def run(*command, retry=False):
+    for attempt in range(2 if retry else 1):
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+        if result.returncode == 0 or not any(failure in result.stderr for failure in TRANSPORT_FAILURES):
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def torchrun(*args):
-    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args)
+    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+               retry=True)
 
 
 def losses(run_dir):
@@ -51,7 +60,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     single, pair = root / "single", root / "pair"
     run(sys.executable, FORCED, *RUN, "--output_dir", str(single))
-    torchrun(FORCED, *RUN, "--output_dir", str(pair))
+    # the pair also cuts its work into micro-batches (uneven: 3 + 1 prompts per rank), exact for loss_type grpo
+    torchrun(FORCED, *RUN, "--micro_batch_size", "3", "--log_prob_micro_batch_size", "5", "--output_dir", str(pair))
     return single, pair
 
 
@@ -89,7 +99,12 @@ def test_a_sharded_checkpoint_resumes_on_two_ranks_or_on_one(runs, tmp_path):
     assert [p.name for p in checkpoint.checkpoints(pair)] == ["checkpoint-6", "checkpoint-8"]
     run(sys.executable, FORCED, "--resume", str(alone), "--max_steps", "8")  # 2 ranks -> 1: DCP reshards
     assert [json.loads(line)["step"] for line in (alone / "metrics.jsonl").read_text().splitlines()] == list(range(8))
-    assert (alone / "checkpoint-8" / "model.safetensors").is_file()
+    # rollouts are forced, so going on alone gives what going on as a pair gives: the weights and optimizer loaded
+    assert [loss for loss in losses(alone)[6:] if loss] == pytest.approx(
+        [loss for loss in losses(pair)[6:] if loss], rel=1e-4)
+    expected, got = sharded_weights(pair / "checkpoint-8"), load_file(str(alone / "checkpoint-8" / "model.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_a_missing_shard_is_a_clear_error(runs, tmp_path, capsys):
@@ -101,14 +116,14 @@ def test_a_missing_shard_is_a_clear_error(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--resume", str(damaged)])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "cannot be loaded (shard files ['__0_0.distcp'] on disk)" in error
+    assert exit_info.value.code == 2 and "cannot be loaded (shard files missing: __1_0.distcp)" in error
 
 
 def test_a_single_process_checkpoint_is_refused_under_torchrun(runs, capsys):
     single, _ = runs
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              FORCED, "--resume", str(single), "--max_steps", "8"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                            text=True, timeout=300, env=ENV)
     assert result.returncode != 0 and "was written by one process: resume it without torchrun" in result.stderr
 
 
@@ -131,21 +146,25 @@ def test_batch_sizes_must_divide_among_the_ranks(monkeypatch, tmp_path, capsys):
 
 
 def test_a_dead_rank_ends_the_run_and_the_last_checkpoint_stays_loadable(tmp_path):
+    """torchrun's agent ends the surviving rank (--ddp_timeout bounds a collective's wait where no agent does)."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FORCED,
          "--max_steps", "500", "--save_steps", "2", "--eval_prompts", "2", "--ddp_timeout", "30", "--output_dir",
-         str(run_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 240
-    while not (run_dir.exists() and checkpoint.checkpoints(run_dir)):
-        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.1)
-    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert launcher.wait(timeout=120) != 0  # the surviving rank is ended, not left waiting
-    assert time.monotonic() - killed_at < 60
+         str(run_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "launcher.log", "w"), env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir.exists() and len(checkpoint.checkpoints(run_dir)) >= 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoints were written"
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)  # while the run goes on writing checkpoints every 2 steps
+        killed_at = time.monotonic()
+        assert launcher.wait(timeout=120) != 0, (tmp_path / "launcher.log").read_text()[-3000:]
+        assert time.monotonic() - killed_at < 60
+    finally:
+        launcher.kill()
     newest = checkpoint.checkpoints(run_dir)[-1]
     assert sharded_weights(newest)  # complete and loadable
+    torchrun(FORCED, "--resume", str(run_dir), "--max_steps", str(int(newest.name.split("-")[1]) + 1))

@@ -85,16 +85,36 @@ def test_all_teachers_option_trains_on_every_solution(monkeypatch):
     assert completions == {"6", "(3+3)=6"}
 
 
-def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch):
-    whole = forced_trainer(monkeypatch, train_batch_size=2)
+def four_prompt_trainer(monkeypatch, **options):
+    """Prompts mid, hard, mid, easy: three routed groups, so micro-batches of 2 split them unevenly."""
+    problems = [PROBLEMS[1], PROBLEMS[2], Problem("4+4=", "8", ["8", "(4+4)=8"]), PROBLEMS[0]]
+    forced = ["4", "5", "4", "5"] + ["1"] * 4 + ["8", "8", "8", "9"] + ["2"] * 4
+    options = {"num_generations": 4, "prompts_per_step": 4, "max_new_tokens": 6, "train_batch_size": 3, **options}
+    trainer = Trainer(Config(**options))
+    monkeypatch.setattr("dypo.policy.generate", lambda *args, **kwargs: [trainer.codec.solution_ids(t)
+                                                                         for t in forced])
+    monkeypatch.setattr(trainer.source, "next", lambda count: problems)
+    return trainer
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, beta):
+    whole = four_prompt_trainer(monkeypatch, beta=beta)
     whole_metrics, _ = whole.train_step(0)
-    parts = forced_trainer(monkeypatch, train_batch_size=2, micro_batch_size=1, log_prob_micro_batch_size=3)
-    parts_metrics, _ = parts.train_step(0)
-    assert parts_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
-    assert parts_metrics["num_prompts_sft"] == whole_metrics["num_prompts_sft"] == 1
-    assert parts_metrics["entropy"] == pytest.approx(whole_metrics["entropy"], rel=1e-5)
+    parts = four_prompt_trainer(monkeypatch, beta=beta, micro_batch_size=2, log_prob_micro_batch_size=3)
+    parts_metrics, _ = parts.train_step(0)  # micro-batches [mid, hard] and [mid]: the second has no SFT rows
+    assert whole_metrics["updates"] == parts_metrics["updates"] == 1
+    for name in ("loss", "loss_sft", "loss_grpo", "loss_gal", "mean_ratio", "pair_accuracy", "entropy"):
+        assert parts_metrics[name] == pytest.approx(whole_metrics[name], rel=1e-5, abs=1e-7), name
+    for name in ("num_prompts_sft", "num_prompts_rl", "num_pairs", "train_tokens"):
+        assert parts_metrics[name] == whole_metrics[name], name
     for a, b in zip(whole.model.parameters(), parts.model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_with_token_level_aggregation_run(monkeypatch):
+    metrics, _ = four_prompt_trainer(monkeypatch, loss_type="dr_grpo", micro_batch_size=2).train_step(0)
+    assert metrics["updates"] == 1 and metrics["loss"] > 0
 
 
 def test_generation_in_chunks_gives_the_same_greedy_completions():
