@@ -115,8 +115,13 @@ def init_world(timeout_seconds: float) -> World:
     return World(rank, size, device)
 
 
-def close(world: World):
+def close(world: World, finished: bool):
+    """Leave the process group. After a finished run every rank first waits for the others: a rank that tore its
+    gloo connections down while another was still writing its outputs was seen to abort ("terminate called without
+    an active exception") in about one run in twenty."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -463,12 +463,15 @@ def main(argv=None):
         if getattr(config, name) % size:
             _fail(f"{name} ({getattr(config, name)}) must be a multiple of the number of processes ({size})")
     world = distributed.init_world(config.ddp_timeout)
+    finished = False
     try:
-        return _run(config, resume, overwrite, world)
+        summary = _run(config, resume, overwrite, world)
+        finished = True
+        return summary
     except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
         _fail(exc)
     finally:
-        distributed.close(world)
+        distributed.close(world, finished)
 
 
 def check_encodable(codec, problems):

@@ -24,8 +24,8 @@ RUN = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "3", "--eval_
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
-# gloo's TCP transport on this sandbox has twice (in ~40 launches) broken a pair between two healthy ranks
-# ("Connection reset by peer" / EnforceNotMet); a launch that fails that way, and only that way, is retried once
+# gloo's TCP transport on this sandbox has (rarely) broken a pair between two healthy ranks ("Connection reset by
+# peer" / EnforceNotMet); a launch that fails that way, and only that way, is retried once
 TRANSPORT_FAILURES = ("gloo/transport/tcp", "EnforceNotMet")
 
 
