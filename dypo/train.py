@@ -9,7 +9,7 @@ dropped) -> the SFT and RL queues; whenever they hold train_batch_size prompts: 
 -> dypo_loss with lm_head.weight (no logits) -> clip -> optimizer step. Old and reference log-probs come from the
 fused forward at rollout time. Strategies for comparison: dypo (default), grpo, sft, sft_then_rl. The run
 directory gets config.json, metrics.jsonl, samples.jsonl, PNG plots, summary.json and checkpoints (--resume
-RUN_DIR continues from the last one).
+RUN_DIR continues from the last one). Under torchrun the same run is sharded with FSDP2 (dypo/distributed.py).
 """
 
 import contextlib
