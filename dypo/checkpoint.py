@@ -40,6 +40,12 @@ def rng_states():
     return states
 
 
+def _restore_rng(states):
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(states["cuda"]))
+
+
 def _complete(path: Path):
     return (path / "world.json").is_file() or all((path / name).is_file() for name in FILES)
 
@@ -86,10 +92,7 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
                               "run's own --model") from None
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    states = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(states["cuda"]))
+    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -179,10 +182,7 @@ def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> 
     trainer_state = json.loads((path / "trainer_state-rank0.json").read_text())
     rng_file = path / f"rng-rank{world.rank}.pt"
     if layout["world_size"] == world.size and rng_file.is_file():
-        states = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(states["cpu"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(states["cuda"]))
+        _restore_rng(torch.load(rng_file, weights_only=True))
     else:  # another layout: every rank starts a new sampling stream
         torch.manual_seed(seed * 1_000_003 + trainer_state["step"] * 1_009 + world.rank)
     return trainer_state

@@ -154,8 +154,8 @@ def _typed(field, value, source, fail):
 
 
 def parse_config(argv, description=None):
-    """(Config, resume run directory or None) from the defaults, then ``--resume``'s saved config or a YAML file
-    (``--config``), then ``--key value`` options."""
+    """(Config, resume run directory or None, --overwrite_output_dir) from the defaults, then ``--resume``'s saved
+    config or a YAML file (``--config``), then ``--key value`` options."""
     parser = OneLineParser(prog="python -m dypo.train", description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")

@@ -89,6 +89,11 @@ class Runtime:
     attn_implementation: str = "sdpa"
     liger: bool = False
 
+    def describe(self):
+        dtype = None if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+        return {"device": str(self.device), "autocast": dtype, "attention": self.attn_implementation,
+                "liger": self.liger}
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -139,7 +144,7 @@ def _pretrained(directory, attention):
 
 
 @torch.no_grad()
-def _check_head(model, directory, runtime):
+def check_head(model, directory, runtime):
     """The fused losses compute lm_head(last hidden state); refuse models whose logits are anything else (soft
     capping, logit scaling, multipliers), checked on a few tokens."""
     ids = torch.arange(8, device=runtime.device).remainder(model.config.vocab_size).unsqueeze(0)
@@ -183,7 +188,7 @@ def load_policy(config, device=None):
     runtime.liger = _apply_liger(model, runtime, config)
     model.to(runtime.device)
     if config.model:
-        _check_head(model, config.model, runtime)
+        check_head(model, config.model, runtime)
     return model, codec, runtime
 
 

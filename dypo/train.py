@@ -34,8 +34,6 @@ from dypo import checkpoint, distributed, plots, policy, task
 from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.rewards import RewardError, load_reward, score
-from torch.distributed.fsdp import FSDPModule
-
 from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
 
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
@@ -176,10 +174,10 @@ def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False, 
         result = head(ids, attention, lambda hidden, weight, bias: fused_linear_logprobs(
             hidden, weight, targets.masked_fill(~mask, -100), bias=bias, temperature=temperature,
             return_entropy=entropy))
-        if isinstance(head, FSDPModule):
-            distributed.reshard(head)  # a forward without backward leaves the root gathered
+        distributed.reshard(head)  # under FSDP2 a forward without backward leaves the root gathered
         logps, token_entropy = result if entropy else (result, None)
-        per_row += [logps[i][mask[i]].float().tolist() for i in range(len(chunk))]
+        logps, kept = logps.float().cpu(), mask.cpu()  # one transfer, not one per row
+        per_row += [logps[i][kept[i]].tolist() for i in range(len(chunk))]
         if entropy:
             entropy_sum += token_entropy.float()[mask].sum().item()
             tokens += int(mask.sum())
@@ -188,22 +186,27 @@ def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False, 
     return per_row, entropy_sum / max(tokens, 1)
 
 
+def plain_rl(strategy, step, config):
+    """Whether this step trains plain GRPO: the grpo strategy, DYPO before switch_gate, sft_then_rl's second half."""
+    return strategy == "grpo" or (strategy == "dypo" and step < config.switch_gate) or \
+        (strategy == "sft_then_rl" and step >= config.max_steps // 2)
+
+
 def route_groups(grades, strategy, step, config):
     """The Route of each prompt's group from its Grade: what DYPO does, or the comparison strategies; and the
     alpha of the RL term (1: plain GRPO)."""
-    plain_rl = strategy == "grpo" or (strategy == "dypo" and step < config.switch_gate) or \
-        (strategy == "sft_then_rl" and step >= config.max_steps // 2)
+    plain = plain_rl(strategy, step, config)
     routes = []
     for grade in grades:
-        if strategy == "sft" or (strategy == "sft_then_rl" and not plain_rl):
+        if strategy == "sft" or (strategy == "sft_then_rl" and not plain):
             routes.append(Route.SFT)
         elif grade == Grade.EASY:
             routes.append(Route.SKIP)
-        elif grade == Grade.HARD and not plain_rl:
+        elif grade == Grade.HARD and not plain:
             routes.append(Route.SFT)
         else:
             routes.append(Route.RL)
-    return routes, (1.0 if plain_rl else config.alpha)
+    return routes, (1.0 if plain else config.alpha)
 
 
 def peak_memory_mb(device):
@@ -319,14 +322,16 @@ class Trainer:
         rewards = torch.tensor([row.reward for row in rows], device=ids.device)
         advantages = torch.tensor([row.advantage for row in rows], device=ids.device)
 
+        kept = mask.cpu()
+
         def logps_of(name):
             if not any(getattr(row, name) for row in rows):
                 return None
-            values = torch.zeros(mask.shape, device=ids.device)
+            values = torch.zeros(kept.shape)  # filled on the host, moved once
             for i, row in enumerate(rows):
                 if getattr(row, name):
-                    values[i, mask[i]] = torch.tensor(getattr(row, name), device=ids.device)
-            return values
+                    values[i, kept[i]] = torch.tensor(getattr(row, name))
+            return values.to(ids.device)
 
         old_logps, ref_logps = logps_of("old_logps"), logps_of("ref_logps")
         loss, metrics = self.policy(ids, attention, lambda hidden, weight, bias: dypo_loss(
@@ -340,7 +345,7 @@ class Trainer:
         """One optimizer step on a batch of routed groups: dypo_loss, clip, step. With ``micro_batch_size`` the
         batch goes through forward and backward that many prompts at a time, each part weighted by its share of
         the prompts (for loss_type grpo the sum is exactly the whole batch's loss)."""
-        _, alpha = route_groups([], self.config.strategy, step, self.config)
+        alpha = 1.0 if plain_rl(self.config.strategy, step, self.config) else self.config.alpha
         size = self.config.micro_batch_size or len(groups)
         self.optimizer.zero_grad(set_to_none=True)
         loss, tokens, parts = 0.0, 0, []
@@ -516,7 +521,6 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
         if resume:
             _say(world, f"{out} has no checkpoint yet: starting from step 0")
         accuracy_before, elapsed = trainer.evaluate(eval_problems), 0.0
-    world.barrier()  # every rank has read the logs' state before rank 0 cuts them back
     if world.main:
         config_file = out / "config.json.partial"
         config_file.write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -588,7 +592,8 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
                "updates": trainer.updates, "seconds": history[-1]["seconds"] if history else 0.0,
                "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
                "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy"),
-               "offline_ratio_curve": curve("offline_ratio"), "entropy_curve": curve("entropy")}
+               "offline_ratio_curve": curve("offline_ratio"), "entropy_curve": curve("entropy"),
+               "runtime": trainer.runtime.describe()}
     if config.model:
         weights = trainer.full_state_dict()
         if trainer.world.main:

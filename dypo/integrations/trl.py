@@ -31,7 +31,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from dypo.policy import Runtime, _check_head
+from dypo.policy import Runtime, check_head
 from dypo_kernels import Grade, Route, dypo_loss, group_advantages
 from dypo_kernels.sweep import LOSS_TYPES
 
@@ -63,7 +63,7 @@ class DYPOTrainer(GRPOTrainer):
             raise ValueError("DYPOTrainer reads lm_head.weight outside the forward: FSDP and DeepSpeed ZeRO-3 would "
                              "hand it a shard (use DDP or ZeRO-1/2, or python -m dypo.train under torchrun)")
         unwrapped = self.accelerator.unwrap_model(self.model)
-        _check_head(unwrapped, type(unwrapped).__name__, Runtime(next(unwrapped.parameters()).device))
+        check_head(unwrapped, type(unwrapped).__name__, Runtime(next(unwrapped.parameters()).device))
         self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
         self.teachers_field = teachers_field
         self._teacher_rng = random.Random(self.args.seed)
@@ -93,8 +93,8 @@ class DYPOTrainer(GRPOTrainer):
         all_rewards = (self._rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
         start = self.accelerator.process_index * rows
         rewards = all_rewards[start:start + rows].float()
-        grades = group_advantages(rewards.cpu(), group_size=k).grade.tolist()
-        all_grades = group_advantages(all_rewards.float().cpu(), group_size=k).grade
+        all_grades = group_advantages(all_rewards.float().cpu(), group_size=k).grade  # every process's groups
+        grades = all_grades[start // k:(start + rows) // k].tolist()
         plain_grpo = self.state.global_step < self.switch_gate
         route = torch.full((rows,), int(Route.RL), device=device)
         teacher_rows = {}
@@ -108,7 +108,7 @@ class DYPOTrainer(GRPOTrainer):
         if teacher_rows:
             self._put_teacher_solutions(output, teacher_rows)
         output.update(route=route, rewards=rewards)
-        for grade in (Grade.HARD, Grade.MID, Grade.EASY):  # over every process's groups
+        for grade in (Grade.HARD, Grade.MID, Grade.EASY):
             self._metrics["train"][f"dypo/share_{grade.name.lower()}"].append(
                 (all_grades == grade).float().mean().item())
         return output

@@ -146,6 +146,15 @@ def check_teacher_lists(**lists):
     return len(first)
 
 
+def check_student_mask(mask, student_hidden):
+    """``mask`` is None or a tensor with student_hidden's leading shape."""
+    if mask is not None:
+        check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(student_hidden.shape[:-1]):
+            raise ValueError(f"mask {tuple(mask.shape)} must have the leading shape of student_hidden "
+                             f"{tuple(student_hidden.shape)}")
+
+
 def check_teacher_coefs(teacher_coefs, count):
     """The m weights w_i as floats (uniform when None): non-negative, summing to 1 within 1e-6."""
     if teacher_coefs is None:
@@ -221,11 +230,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
                       "student_bias")
     biases, coefs = _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights,
                                     teacher_biases, teacher_coefs)
-    if mask is not None:
-        check_tensor("mask", mask)
-        if tuple(mask.shape) != tuple(student_hidden.shape[:-1]):
-            raise ValueError(f"mask {tuple(mask.shape)} must have the leading shape of student_hidden "
-                             f"{tuple(student_hidden.shape)}")
+    check_student_mask(mask, student_hidden)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("aggregate", aggregate, AGGREGATES)
     check_number("jsd_beta", jsd_beta, low=0, high=1)

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from dypo_kernels.multi_teacher_kl import MultiTeacherKLFunction, check_teacher_coefs, check_teacher_lists
+from dypo_kernels.multi_teacher_kl import MultiTeacherKLFunction, check_student_mask, check_teacher_coefs, \
+    check_teacher_lists
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_temperature, \
     check_tensor
@@ -116,11 +117,7 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
                       "student_bias")
     coefs = _check_sparse_teachers(student_hidden, student_weight.shape[0], teacher_token_ids, teacher_logps,
                                    teacher_coefs)
-    if mask is not None:
-        check_tensor("mask", mask)
-        if tuple(mask.shape) != tuple(student_hidden.shape[:-1]):
-            raise ValueError(f"mask {tuple(mask.shape)} must have the leading shape of student_hidden "
-                             f"{tuple(student_hidden.shape)}")
+    check_student_mask(mask, student_hidden)
     check_choice("tail", tail, TAILS)
     check_temperature(temperature)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,

@@ -1,7 +1,5 @@
 """fused_sft_loss: the negative log-likelihood of teacher trajectories from hidden states, in one sweep."""
 
-import torch
-
 from dypo_kernels.backend import select_backend
 from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_targets, \
