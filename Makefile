@@ -4,13 +4,19 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.0 codetiming==1.4.0 orjson==3.13.0 \
+	peft==0.21.2 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 pillow==13.0.0
 
 .PHONY: test demo bench train
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11, so it goes in without its
+	# pins, with what its registries, compute_advantage and ppo_loss import (tested with these versions)
+	$(BIN)/pip install --quiet --no-deps verl==0.9.1
+	$(BIN)/pip install --quiet $(VERL_IMPORTS)
 	touch $@
 
 test: $(VENV)/.installed

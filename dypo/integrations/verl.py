@@ -1,0 +1,187 @@
+"""DYPO inside verl: an advantage estimator and a policy loss registered in verl's registries under ``dypo``.
+
+dypo-kernels declares this module as a ``verl.plugins`` entry point, so verl (>= 0.9) loads it wherever it is
+imported (driver and Ray workers) once dypo-kernels is installed; ``VERL_USE_EXTERNAL_MODULES=dypo.integrations.verl``
+does the same where entry points are switched off. A GRPO run switches to DYPO's mid-prompt objective with:
+
+    algorithm.adv_estimator=dypo
+    actor_rollout_ref.actor.policy_loss.loss_mode=dypo
+    trainer.balance_batch=False                                   # keep each prompt's rollouts together
+    actor_rollout_ref.actor.use_dynamic_bsz=False
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=<a multiple of actor_rollout_ref.rollout.n>
+
+What each part does:
+- ``dypo_advantages`` (driver): grades each prompt's group (success: reward > ``success_threshold``) and gives mid
+  groups their GRPO advantage (``group_advantages``: sample std, or none with
+  ``algorithm.norm_adv_by_std_in_grpo=False``), easy and hard groups zero. It checks that each prompt's rows are
+  one contiguous block of ``rollout.n`` rows, which ``trainer.balance_batch=True`` breaks.
+- ``dypo_policy_loss`` (actor, per micro-batch): alpha * verl's own ``vanilla`` loss (PPO clip, dual clip,
+  rollout importance weights, ``loss_agg_mode``: exactly ``loss_mode=vanilla``) + (1 - alpha) * GAL (paper eq.
+  14-15) over each block of ``rollout.n`` rows. verl hands a policy loss only token log-probs and advantages, so the
+  groups are the blocks, and a rollout's reward rank within its group is its advantage's rank (the GRPO advantage
+  is increasing in the reward). GAL is normalised like verl's sequence-mean losses: the sum of each group's mean
+  pair loss over the mini-batch's groups (``global_batch_size / rollout.n``, times ``dp_size``), so micro-batches
+  add up to the mini-batch's loss and alpha keeps its per-prompt meaning.
+Other parameters: ``register(name, alpha=..., beta_gal=...)`` in a module of your own, loaded the same way.
+
+Not covered by verl's registries, and so not done here: hard prompts' SFT on teacher solutions (verl has no hook
+that puts teacher trajectories into the batch; they get no gradient, like easy ones) and the hidden-state fusion of
+``dypo_loss`` (verl computes the token log-probs itself; its ``use_fused_kernels`` bounds that memory). GAL compares
+the policy's own sequence log-probs (no reference term: verl does not pass reference log-probs to a policy loss).
+Tested on CPU against verl 0.9.1 (tests/integrations/test_verl.py), not in a verl training run.
+"""
+
+import torch
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY, compute_policy_loss_vanilla, \
+    register_adv_est, register_policy_loss
+
+from dypo_kernels import Grade, gal_loss, group_advantages
+from dypo_kernels.gal import sequence_logprobs
+from dypo_kernels.validation import check_number
+
+REORDERED = ("verl reordered the rollouts of one prompt: set trainer.balance_batch=False, "
+             "actor_rollout_ref.actor.use_dynamic_bsz=False, and a ppo_micro_batch_size_per_gpu that is a multiple of "
+             "actor_rollout_ref.rollout.n")
+_registered = {}
+
+
+def group_size_of_blocks(index):
+    """The group size n when the rows of each uid in ``index`` are one contiguous block of n rows, every group of
+    the same size; otherwise a ValueError."""
+    first_row = {}
+    ids = [first_row.setdefault(uid, len(first_row)) for uid in index]
+    if not ids:
+        raise ValueError("dypo advantages: the batch is empty")
+    size = len(ids) // len(first_row)
+    if size * len(first_row) != len(ids) or any(group != row // size for row, group in enumerate(ids)):
+        raise ValueError(f"dypo advantages: each prompt's rollouts must be one contiguous block of equal size; "
+                         f"{REORDERED}")
+    return size
+
+
+def dypo_advantages(token_level_rewards, response_mask, index=None, config=None, *, epsilon=1e-6,
+                    success_threshold=0.5, **unused):
+    """verl advantage estimator: per-row GRPO advantages for mid groups, zero for easy and hard ones.
+
+    Args:
+        token_level_rewards: ``[B, T]``; a row's reward R_i is its sum (verl puts it on the last token).
+        response_mask: ``[B, T]``.
+        index: ``[B]`` uids of the rows' prompts (verl's ``uid``); each prompt's rows one contiguous block.
+        config: verl's AlgoConfig; ``norm_adv_by_std_in_grpo=False`` gives Dr.GRPO's unscaled advantages.
+        unused: what else verl passes to estimators (``reward_baselines``), which grading does not read.
+
+    Returns:
+        (advantages, returns), both ``[B, T]`` fp32: A_i broadcast over the response tokens, as verl's GRPO.
+    """
+    if index is None:
+        raise ValueError("dypo advantages need verl's uid per row (index); got None")
+    if token_level_rewards.dim() != 2 or response_mask.shape != token_level_rewards.shape:
+        raise ValueError(f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must both be [B, T]")
+    if len(index) != token_level_rewards.shape[0]:
+        raise ValueError(f"index holds {len(index)} uids for {token_level_rewards.shape[0]} rows")
+    group_size = group_size_of_blocks(index)
+    normalise = True if config is None else config.get("norm_adv_by_std_in_grpo", True)
+    graded = group_advantages(token_level_rewards.float().sum(-1), group_size=group_size,
+                              scale="group" if normalise else "none", eps=epsilon,
+                              success_threshold=success_threshold)
+    is_mid = (graded.grade == Grade.MID).repeat_interleave(group_size)
+    advantages = torch.where(is_mid, graded.advantages, 0.0)[:, None] * response_mask
+    return advantages, advantages
+
+
+def sequence_advantages(advantages, response_mask):
+    """Each row's advantage ``[B]`` (0 for a row without response tokens); a ValueError when a row's advantage
+    varies over its tokens (a token-level estimator such as GAE)."""
+    mask = response_mask.bool()
+    first_token = mask.int().argmax(-1, keepdim=True)
+    per_row = torch.where(mask.any(-1), advantages.gather(-1, first_token).squeeze(-1), 0.0)
+    spread = torch.where(mask, (advantages - per_row[:, None]).abs(), 0.0).amax(-1) if mask.numel() else per_row
+    if bool((spread > 1e-5 * (1 + per_row.abs())).any()):
+        raise ValueError("loss_mode=dypo needs one advantage per sequence (algorithm.adv_estimator=dypo or grpo); "
+                         "the advantages vary over a row's tokens")
+    return per_row
+
+
+def dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                     rollout_is_weights=None, *, alpha=0.5, beta_gal=1.0, average_log_prob=False):
+    """verl policy loss: alpha * verl's vanilla PPO-clip loss + (1 - alpha) * GAL over blocks of rollout.n rows.
+
+        L_GAL = dp_size / G_global * sum over the micro-batch's groups g with a pair of mean_(s,f) -log sigmoid(
+                beta_gal * (S_s - S_f)),   S_i = sum_t mask_i,t log_prob_i,t (mean with ``average_log_prob``),
+
+    pairs (s, f) of one group with A_s > A_f, G_global = global_batch_size / rollout.n (the micro-batch's groups
+    when verl gives no global batch size).
+
+    Args:
+        old_log_prob, log_prob, advantages, response_mask: ``[B, T]`` as verl passes them, B a multiple of
+            ``config.rollout_n``, each block of rollout.n rows one prompt's group.
+        loss_agg_mode, config (verl's ActorConfig), rollout_is_weights: as for verl's vanilla loss.
+
+    Returns:
+        (loss, metrics): verl's vanilla metrics plus ``actor/gal_loss`` (the mean over this micro-batch's groups
+        with pairs), ``actor/gal_pair_accuracy`` and ``actor/gal_groups``. Cost: O(B * T) beyond vanilla.
+    """
+    if config is None or not isinstance(getattr(config, "rollout_n", None), int) or config.rollout_n < 1:
+        raise ValueError("loss_mode=dypo needs verl's actor config with rollout_n (the group size)")
+    group_size, batch_size = config.rollout_n, log_prob.shape[0]
+    if batch_size % group_size:
+        raise ValueError(f"loss_mode=dypo got a micro-batch of {batch_size} rows, not whole groups of "
+                         f"rollout.n = {group_size}: {REORDERED}")
+    rewards = sequence_advantages(advantages, response_mask)
+    block_sums = rewards.view(-1, group_size).sum(-1)
+    if bool((block_sums.abs() > 1e-4 * rewards.view(-1, group_size).abs().sum(-1) + 1e-6).any()):
+        raise ValueError(f"loss_mode=dypo: a block of rollout.n rows holds advantages that do not sum to 0, so it is "
+                         f"not one prompt's group: {REORDERED}")
+    grpo, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
+                                                loss_agg_mode=loss_agg_mode, config=config,
+                                                rollout_is_weights=rollout_is_weights)
+    seq_logps = sequence_logprobs(log_prob, response_mask, average_log_prob)
+    gal_mean, gal_metrics = gal_loss(seq_logps, rewards, group_size=group_size, beta=beta_gal, return_metrics=True)
+    grouped = rewards.view(-1, group_size)
+    groups_with_pairs = int((grouped.amax(-1) > grouped.amin(-1)).sum())
+    batch_info = getattr(config, "global_batch_info", None) or {}
+    dp_size, global_batch_size = batch_info.get("dp_size", 1), batch_info.get("global_batch_size")
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("loss_mode=dypo needs global_batch_size in the actor config's global_batch_info when "
+                             "dp_size > 1")
+        global_batch_size = batch_size
+    gal = gal_mean * groups_with_pairs * group_size / global_batch_size * dp_size
+    metrics.update({"actor/gal_loss": gal_mean.item(), "actor/gal_pair_accuracy": gal_metrics["pair_accuracy"].item(),
+                    "actor/gal_groups": groups_with_pairs})
+    return alpha * grpo + (1 - alpha) * gal, metrics
+
+
+def register(name="dypo", *, alpha=0.5, beta_gal=1.0, average_log_prob=False, success_threshold=0.5):
+    """Register ``dypo_policy_loss`` (verl ``policy_loss.loss_mode=name``) and ``dypo_advantages``
+    (``algorithm.adv_estimator=name``) with these settings. Registering a name again with the same settings does
+    nothing; with other settings, or a name verl already uses, is a ValueError."""
+    check_number("alpha", alpha, low=0, high=1)
+    check_number("beta_gal", beta_gal, low=0)
+    check_number("success_threshold", success_threshold)
+    settings = dict(alpha=alpha, beta_gal=beta_gal, average_log_prob=bool(average_log_prob),
+                    success_threshold=success_threshold)
+    if name in _registered:
+        if _registered[name] != settings:
+            raise ValueError(f"verl loss {name!r} is already registered with {_registered[name]}; pick another name")
+        return
+    if name in POLICY_LOSS_REGISTRY or name in ADV_ESTIMATOR_REGISTRY:
+        raise ValueError(f"verl already has a policy loss or advantage estimator named {name!r}")
+
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                    rollout_is_weights=None):
+        return dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                rollout_is_weights, alpha=alpha, beta_gal=beta_gal,
+                                average_log_prob=settings["average_log_prob"])
+
+    def advantages(token_level_rewards, response_mask, index=None, config=None, **unused):
+        return dypo_advantages(token_level_rewards, response_mask, index, config,
+                               success_threshold=success_threshold)
+
+    register_policy_loss(name)(policy_loss)
+    register_adv_est(name)(advantages)
+    _registered[name] = settings
+
+
+register()
