@@ -1,27 +1,33 @@
 """DYPO inside verl: an advantage estimator and a policy loss registered in verl's registries under ``dypo``.
 
-dypo-kernels declares this module as a ``verl.plugins`` entry point, so verl (>= 0.9) loads it wherever it is
-imported (driver and Ray workers) once dypo-kernels is installed; ``VERL_USE_EXTERNAL_MODULES=dypo.integrations.verl``
-does the same where entry points are switched off. A GRPO run switches to DYPO's mid-prompt objective with:
+dypo-kernels declares this module as a ``verl.plugins`` entry point, so verl 0.9.1 loads it wherever it is imported
+(driver and Ray workers) once dypo-kernels is installed; ``VERL_USE_EXTERNAL_MODULES=dypo.integrations.verl`` does
+the same where entry points are switched off, and shows an import error that verl's plugin loader would hide. A
+GRPO run switches to DYPO's mid-prompt objective with:
 
     algorithm.adv_estimator=dypo
     actor_rollout_ref.actor.policy_loss.loss_mode=dypo
-    trainer.balance_batch=False                                   # keep each prompt's rollouts together
+    trainer.use_v1=False                       # the v1 trainer reorders rows by completion and length, always
+    trainer.balance_batch=False                # keep each prompt's rollouts together
     actor_rollout_ref.actor.use_dynamic_bsz=False
+    actor_rollout_ref.actor.shuffle=False      # verl's default
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=<a multiple of actor_rollout_ref.rollout.n>
 
 What each part does:
-- ``dypo_advantages`` (driver): grades each prompt's group (success: reward > ``success_threshold``) and gives mid
-  groups their GRPO advantage (``group_advantages``: sample std, or none with
-  ``algorithm.norm_adv_by_std_in_grpo=False``), easy and hard groups zero. It checks that each prompt's rows are
-  one contiguous block of ``rollout.n`` rows, which ``trainer.balance_batch=True`` breaks.
+- ``dypo_advantages`` (driver, on the batch as it goes to the actor): checks that each prompt's rows are one
+  contiguous block of ``rollout.n`` rows, grades each group (success: reward > ``success_threshold``; the reward is
+  the row's ``token_level_rewards`` sum, which holds the KL penalty if ``use_kl_in_reward``), and gives mid groups
+  their GRPO advantage (``group_advantages``: sample std, or none with ``algorithm.norm_adv_by_std_in_grpo=False``),
+  easy and hard groups zero.
 - ``dypo_policy_loss`` (actor, per micro-batch): alpha * verl's own ``vanilla`` loss (PPO clip, dual clip,
   rollout importance weights, ``loss_agg_mode``: exactly ``loss_mode=vanilla``) + (1 - alpha) * GAL (paper eq.
   14-15) over each block of ``rollout.n`` rows. verl hands a policy loss only token log-probs and advantages, so the
-  groups are the blocks, and a rollout's reward rank within its group is its advantage's rank (the GRPO advantage
-  is increasing in the reward). GAL is normalised like verl's sequence-mean losses: the sum of each group's mean
-  pair loss over the mini-batch's groups (``global_batch_size / rollout.n``, times ``dp_size``), so micro-batches
-  add up to the mini-batch's loss and alpha keeps its per-prompt meaning.
+  groups are the blocks (the actor config's batching settings are checked), and a rollout's reward rank within its
+  group is its advantage's rank (the GRPO advantage is increasing in the reward). Rows without response tokens
+  (rejected by rollout correction) take no part in GAL. GAL is normalised like verl's sequence-mean losses: the sum
+  of each group's mean pair loss over the mini-batch's groups (``global_batch_size / rollout.n``, times
+  ``dp_size``), so micro-batches add up to the mini-batch's loss; with ``loss_agg_mode=seq-mean-token-mean``
+  (GRPO's) alpha weighs the two terms per prompt as in the paper.
 Other parameters: ``register(name, alpha=..., beta_gal=...)`` in a module of your own, loaded the same way.
 
 Not covered by verl's registries, and so not done here: hard prompts' SFT on teacher solutions (verl has no hook
@@ -39,9 +45,9 @@ from dypo_kernels import Grade, gal_loss, group_advantages
 from dypo_kernels.gal import sequence_logprobs
 from dypo_kernels.validation import check_number
 
-REORDERED = ("verl reordered the rollouts of one prompt: set trainer.balance_batch=False, "
-             "actor_rollout_ref.actor.use_dynamic_bsz=False, and a ppo_micro_batch_size_per_gpu that is a multiple of "
-             "actor_rollout_ref.rollout.n")
+REORDERED = ("GAL needs each prompt's rollouts in one block of rollout.n rows: set trainer.use_v1=False, "
+             "trainer.balance_batch=False, actor_rollout_ref.actor.use_dynamic_bsz=False, actor.shuffle=False and a "
+             "ppo_micro_batch_size_per_gpu that is a multiple of actor_rollout_ref.rollout.n")
 _registered = {}
 
 
@@ -98,9 +104,22 @@ def sequence_advantages(advantages, response_mask):
     per_row = torch.where(mask.any(-1), advantages.gather(-1, first_token).squeeze(-1), 0.0)
     spread = torch.where(mask, (advantages - per_row[:, None]).abs(), 0.0).amax(-1) if mask.numel() else per_row
     if bool((spread > 1e-5 * (1 + per_row.abs())).any()):
-        raise ValueError("loss_mode=dypo needs one advantage per sequence (algorithm.adv_estimator=dypo or grpo); "
-                         "the advantages vary over a row's tokens")
+        raise ValueError("loss_mode=dypo needs one advantage per sequence (algorithm.adv_estimator=dypo); the "
+                         "advantages vary over a row's tokens")
     return per_row
+
+
+def check_batching(config, batch_size):
+    """The actor settings under which verl's micro-batches are whole blocks of rollout.n rows, in the order
+    dypo_advantages checked."""
+    if config is None or not isinstance(getattr(config, "rollout_n", None), int) or config.rollout_n < 1:
+        raise ValueError("loss_mode=dypo needs verl's actor config with rollout_n (the group size)")
+    micro_batch = getattr(config, "ppo_micro_batch_size_per_gpu", None)
+    if getattr(config, "use_dynamic_bsz", False) or getattr(config, "shuffle", False) or \
+            (micro_batch is not None and micro_batch % config.rollout_n) or batch_size % config.rollout_n:
+        raise ValueError(f"loss_mode=dypo got a micro-batch of {batch_size} rows (use_dynamic_bsz="
+                         f"{getattr(config, 'use_dynamic_bsz', None)}, shuffle={getattr(config, 'shuffle', None)}, "
+                         f"ppo_micro_batch_size_per_gpu={micro_batch}, rollout.n={config.rollout_n}): {REORDERED}")
 
 
 def dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
@@ -110,36 +129,35 @@ def dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
         L_GAL = dp_size / G_global * sum over the micro-batch's groups g with a pair of mean_(s,f) -log sigmoid(
                 beta_gal * (S_s - S_f)),   S_i = sum_t mask_i,t log_prob_i,t (mean with ``average_log_prob``),
 
-    pairs (s, f) of one group with A_s > A_f, G_global = global_batch_size / rollout.n (the micro-batch's groups
-    when verl gives no global batch size).
+    pairs (s, f) of one group, both with response tokens, with A_s > A_f; G_global = global_batch_size / rollout.n
+    (the micro-batch's groups when verl gives no global batch size).
 
     Args:
-        old_log_prob, log_prob, advantages, response_mask: ``[B, T]`` as verl passes them, B a multiple of
-            ``config.rollout_n``, each block of rollout.n rows one prompt's group.
+        old_log_prob, log_prob, advantages, response_mask: ``[B, T]`` as verl passes them, each block of
+            ``config.rollout_n`` rows one prompt's group (as dypo_advantages checked the batch).
         loss_agg_mode, config (verl's ActorConfig), rollout_is_weights: as for verl's vanilla loss.
 
     Returns:
         (loss, metrics): verl's vanilla metrics plus ``actor/gal_loss`` (the mean over this micro-batch's groups
         with pairs), ``actor/gal_pair_accuracy`` and ``actor/gal_groups``. Cost: O(B * T) beyond vanilla.
     """
-    if config is None or not isinstance(getattr(config, "rollout_n", None), int) or config.rollout_n < 1:
-        raise ValueError("loss_mode=dypo needs verl's actor config with rollout_n (the group size)")
-    group_size, batch_size = config.rollout_n, log_prob.shape[0]
-    if batch_size % group_size:
-        raise ValueError(f"loss_mode=dypo got a micro-batch of {batch_size} rows, not whole groups of "
-                         f"rollout.n = {group_size}: {REORDERED}")
+    batch_size = log_prob.shape[0]
+    check_batching(config, batch_size)
+    group_size = config.rollout_n
     rewards = sequence_advantages(advantages, response_mask)
-    block_sums = rewards.view(-1, group_size).sum(-1)
-    if bool((block_sums.abs() > 1e-4 * rewards.view(-1, group_size).abs().sum(-1) + 1e-6).any()):
-        raise ValueError(f"loss_mode=dypo: a block of rollout.n rows holds advantages that do not sum to 0, so it is "
-                         f"not one prompt's group: {REORDERED}")
     grpo, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
                                                 loss_agg_mode=loss_agg_mode, config=config,
                                                 rollout_is_weights=rollout_is_weights)
     seq_logps = sequence_logprobs(log_prob, response_mask, average_log_prob)
-    gal_mean, gal_metrics = gal_loss(seq_logps, rewards, group_size=group_size, beta=beta_gal, return_metrics=True)
-    grouped = rewards.view(-1, group_size)
-    groups_with_pairs = int((grouped.amax(-1) > grouped.amin(-1)).sum())
+    answered = response_mask.bool().any(-1).nonzero().squeeze(-1)
+    group_index = torch.unique(answered // group_size, return_inverse=True)[1]
+    gal_mean, gal_metrics = gal_loss(seq_logps[answered], rewards[answered], group_index=group_index, beta=beta_gal,
+                                     return_metrics=True)
+    group_max = torch.full((batch_size // group_size,), -torch.inf, device=rewards.device)
+    group_min = torch.full_like(group_max, torch.inf)
+    group_max = group_max.scatter_reduce(0, answered // group_size, rewards[answered], "amax")
+    group_min = group_min.scatter_reduce(0, answered // group_size, rewards[answered], "amin")
+    groups_with_pairs = int((group_max > group_min).sum())
     batch_info = getattr(config, "global_batch_info", None) or {}
     dp_size, global_batch_size = batch_info.get("dp_size", 1), batch_info.get("global_batch_size")
     if global_batch_size is None:

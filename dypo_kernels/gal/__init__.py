@@ -19,7 +19,7 @@ def _padded_groups(ids, num_groups, group_size):
     counts = torch.bincount(ids, minlength=num_groups)
     starts = counts.cumsum(0) - counts
     slot = rows - starts[ids[order]]
-    return order, slot, int(counts.max())
+    return order, slot, int(counts.max()) if counts.numel() else 0
 
 
 def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):

@@ -54,6 +54,15 @@ def test_batch_without_pairs_is_a_zero_that_backpropagates():
     assert loss.item() == 0 and torch.all(seq_logps.grad == 0) and torch.isfinite(seq_logps.grad).all()
 
 
+def test_empty_ragged_batch_is_a_zero_with_metrics():
+    seq_logps = torch.zeros(0, requires_grad=True)
+    loss, metrics = gal_loss(seq_logps, torch.zeros(0), group_index=torch.zeros(0, dtype=torch.long),
+                             return_metrics=True)
+    loss.backward()
+    assert loss.item() == 0 and metrics["num_pairs"].item() == 0 and metrics["pair_accuracy"].item() == 0
+    assert gal_coefficients(seq_logps, torch.zeros(0), group_index=torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(1, 7), min_size=1, max_size=6), seed=st.integers(0, 2**16),
        beta=st.floats(0.05, 4.0), binary=st.booleans())

@@ -27,10 +27,10 @@ from dypo.integrations import verl as adapter  # noqa: E402
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 
-def actor_config(group_size, loss_mode="dypo", loss_agg_mode="token-mean"):
-    return FSDPActorConfig(strategy="fsdp", rollout_n=group_size, ppo_mini_batch_size=2,
-                           ppo_micro_batch_size_per_gpu=group_size, loss_agg_mode=loss_agg_mode,
-                           policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+def actor_config(group_size, loss_mode="dypo", loss_agg_mode="token-mean", **settings):
+    settings = {"ppo_micro_batch_size_per_gpu": group_size, **settings}
+    return FSDPActorConfig(strategy="fsdp", rollout_n=group_size, ppo_mini_batch_size=2, loss_agg_mode=loss_agg_mode,
+                           policy_loss=PolicyLossConfig(loss_mode=loss_mode), **settings)
 
 
 def rollouts(num_groups, group_size, length, seed, binary=True):
@@ -61,11 +61,12 @@ def reference_advantages(rewards, group_size, normalise, threshold=0.5):
 
 
 def reference_gal(log_prob, mask, rewards, group_size, groups_in_batch, beta=1.0):
-    """sum over groups of the mean pair loss -log sigmoid(beta (S_s - S_f)), divided by groups_in_batch, float64."""
+    """sum over groups of the mean pair loss -log sigmoid(beta (S_s - S_f)) over rows with response tokens, divided
+    by groups_in_batch, float64."""
     seq_logps = (log_prob.double() * mask).sum(-1)
     total = seq_logps.new_zeros(())
     for g in range(len(rewards) // group_size):
-        rows = range(g * group_size, (g + 1) * group_size)
+        rows = [i for i in range(g * group_size, (g + 1) * group_size) if mask[i].any()]
         pairs = [(s, f) for s in rows for f in rows if rewards[s] > rewards[f]]
         if pairs:
             total = total + sum(-torch.nn.functional.logsigmoid(beta * (seq_logps[s] - seq_logps[f]))
@@ -114,6 +115,7 @@ def test_advantages_refuse_rollouts_that_verl_reordered():
 def test_policy_loss_is_alpha_vanilla_plus_gal_in_value_and_gradient(loss_agg_mode, alpha):
     group_size = 4
     rewards, _, mask, _, log_prob, old_log_prob = rollouts(5, group_size, 6, seed=3)
+    mask[2 * group_size + 1] = 0  # a failed rollout of mid group 2 that rollout correction rejected
     advantages = reference_advantages(rewards, group_size, True).float()[:, None] * mask
     config = actor_config(group_size, loss_agg_mode=loss_agg_mode)
 
@@ -131,6 +133,7 @@ def test_policy_loss_is_alpha_vanilla_plus_gal_in_value_and_gradient(loss_agg_mo
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gradient.double(), expected_gradient, rtol=1e-4, atol=1e-6)
     assert metrics["actor/gal_groups"] == sum(0 < r.sum() < group_size for r in rewards.view(-1, group_size))
+    assert log_prob.grad is None and gradient[2 * group_size + 1].abs().sum() == 0
     assert math.isfinite(metrics["actor/gal_loss"]) and "actor/pg_clipfrac" in metrics
 
 
@@ -171,20 +174,27 @@ def test_verl_ppo_loss_calls_the_registered_loss():
     assert "actor/gal_loss" in metrics
 
 
-def test_policy_loss_refuses_batches_that_are_not_whole_groups():
+@pytest.mark.parametrize("setting, value", [("use_dynamic_bsz", True), ("shuffle", True),
+                                            ("ppo_micro_batch_size_per_gpu", 6)])
+def test_policy_loss_refuses_batching_that_splits_groups(setting, value):
     group_size = 4
     rewards, _, mask, _, log_prob, old_log_prob = rollouts(4, group_size, 5, seed=6)
     advantages = reference_advantages(rewards, group_size, True).float()[:, None] * mask
     config = actor_config(group_size)
-    with pytest.raises(ValueError, match="not whole groups"):
+    with pytest.raises(ValueError, match="use_v1=False"):
         adapter.dypo_policy_loss(old_log_prob[:6], log_prob[:6], advantages[:6], mask[:6], "token-mean", config)
-    shuffled = torch.tensor([8, 1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12, 13, 14, 15])  # mid groups 2 and 0 swap a row
-    with pytest.raises(ValueError, match="not one prompt's group"):
-        adapter.dypo_policy_loss(old_log_prob[shuffled], log_prob[shuffled], advantages[shuffled],
-                                 mask[shuffled], "token-mean", config)
-    token_level = advantages * torch.rand(advantages.shape)
+    with pytest.raises(ValueError, match=f"{setting}={value}"):
+        adapter.dypo_policy_loss(old_log_prob, log_prob, advantages, mask, "token-mean",
+                                 actor_config(group_size, **{setting: value}))
+
+
+def test_policy_loss_refuses_token_level_advantages():
+    group_size = 4
+    rewards, _, mask, _, log_prob, old_log_prob = rollouts(4, group_size, 5, seed=6)
+    advantages = reference_advantages(rewards, group_size, True).float()[:, None] * mask
     with pytest.raises(ValueError, match="one advantage per sequence"):
-        adapter.dypo_policy_loss(old_log_prob, log_prob, token_level, mask, "token-mean", config)
+        adapter.dypo_policy_loss(old_log_prob, log_prob, advantages * torch.rand(advantages.shape), mask,
+                                 "token-mean", actor_config(group_size))
 
 
 def test_register_names_and_settings():
