@@ -13,9 +13,11 @@ SCHEDULES = ("constant", "linear", "cosine")
 SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
 # what --resume may change: how long the run goes on, what it logs, and how its work is cut into pieces to fit in
-# memory (the chunk sizes; generation_batch_size changes which random numbers each rollout draws), not the method
+# memory (the chunk sizes; generation_batch_size changes which random numbers each rollout draws), and which engine
+# samples the rollouts (use_vllm), not the method
 RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
-             "ddp_timeout", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "output_dir")
+             "ddp_timeout", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "use_vllm",
+             "vllm_gpu_memory_utilization", "output_dir")
 
 
 def option(default, help, switch=False):
@@ -76,6 +78,10 @@ class Config:
     log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
                                                "log-probs); 0: all at once")
     generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once")
+    use_vllm: str = option("false", "rollouts and evaluation through a colocated vLLM engine per process, weights "
+                                    "loaded after each update: true (CUDA; pip install 'dypo-kernels[vllm]'), false",
+                           switch=True)
+    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU's memory vLLM reserves (weights, KV cache)")
     learning_rate: float = option(3e-3, "AdamW learning rate (tiny model; the paper's 1e-6 is for real models)")
     lr_scheduler_type: str = option("constant", f"one of {', '.join(SCHEDULES)} (after warmup)")
     warmup_ratio: float = option(0.0, "share of max_steps with a linear warmup")
@@ -99,7 +105,7 @@ def _check(config: Config, fail):
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
-               "use_liger_kernel": SWITCHES}
+               "use_liger_kernel": SWITCHES, "use_vllm": ("true", "false")}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")
@@ -114,6 +120,8 @@ def _check(config: Config, fail):
     for name in ("learning_rate", "temperature", "max_grad_norm"):
         if not getattr(config, name) > 0:
             fail(f"{name} must be positive; got {getattr(config, name)}")
+    if not 0 < config.vllm_gpu_memory_utilization <= 1:
+        fail(f"vllm_gpu_memory_utilization must lie in (0, 1]; got {config.vllm_gpu_memory_utilization}")
     for name in ("alpha", "warmup_ratio"):
         if not 0 <= getattr(config, name) <= 1:
             fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")

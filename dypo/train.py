@@ -34,6 +34,7 @@ from dypo import checkpoint, distributed, plots, policy, task
 from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.rewards import RewardError, load_reward, score
+from dypo.vllm_engine import start_vllm
 from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
 
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
@@ -242,6 +243,8 @@ class Trainer:
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy = policy.FusedHead(self.model, self.runtime)
         self.reference_head = policy.FusedHead(self.reference, self.runtime)
+        self.engine = start_vllm(config, self.model, self.codec, self.runtime, self.world) \
+            if config.use_vllm == "true" else None
         if self.world.distributed:
             distributed.shard(self.policy, self.model, self.world.device)
             distributed.shard(self.reference_head, self.reference, self.world.device)
@@ -267,11 +270,7 @@ class Trainer:
         first = world.rank * local
         mine = problems[first:first + local]
         prompt_ids = [codec.prompt_ids(p.prompt) for p in mine]
-        with distributed.gathered(self.policy, world):
-            completions = policy.generate(self.model, codec, self.runtime,
-                                          [ids for ids in prompt_ids for _ in range(k)],
-                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                          batch_size=config.generation_batch_size)
+        completions = self.completions([ids for ids in prompt_ids for _ in range(k)], temperature=config.temperature)
         texts = [codec.text(c) for c in completions]
         rewards = score(self.reward_function, [p.prompt for p in mine for _ in range(k)], texts,
                         [p.answer for p in mine for _ in range(k)])
@@ -395,16 +394,25 @@ class Trainer:
         """Share of greedy completions whose reward exceeds 0.5 (each rank decodes every size-th prompt)."""
         mine = problems[self.world.rank::self.world.size]
         correct = 0.0
-        with distributed.gathered(self.policy, self.world):  # every rank gathers, even one without prompts
-            if mine:
-                completions = policy.generate(self.model, self.codec, self.runtime,
-                                              [self.codec.prompt_ids(p.prompt) for p in mine],
-                                              max_new_tokens=self.config.max_new_tokens, temperature=1.0,
-                                              greedy=True, batch_size=self.config.generation_batch_size)
-                texts = [self.codec.text(c) for c in completions]
-                rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
-                correct = float(sum(r > 0.5 for r in rewards))
+        completions = self.completions([self.codec.prompt_ids(p.prompt) for p in mine], temperature=1.0, greedy=True)
+        if mine:
+            texts = [self.codec.text(c) for c in completions]
+            rewards = score(self.reward_function, [p.prompt for p in mine], texts, [p.answer for p in mine])
+            correct = float(sum(r > 0.5 for r in rewards))
         return self.world.total(correct) / len(problems)
+
+    def completions(self, prompt_ids, *, temperature, greedy=False):
+        """Completions of the prompts from the current policy, by vLLM (``--use_vllm``) or the model's generate.
+        Every rank calls this, with or without prompts: the weights are gathered collectively."""
+        config = self.config
+        if self.engine is not None:
+            self.engine.sync(self.model, self.updates)
+            return self.engine.generate(prompt_ids, max_new_tokens=config.max_new_tokens, temperature=temperature,
+                                        greedy=greedy) if prompt_ids else []
+        with distributed.gathered(self.policy, self.world):
+            return policy.generate(self.model, self.codec, self.runtime, prompt_ids,
+                                   max_new_tokens=config.max_new_tokens, temperature=temperature, greedy=greedy,
+                                   batch_size=config.generation_batch_size) if prompt_ids else []
 
     def full_state_dict(self):
         """The policy's whole state dict on CPU (under torchrun every rank takes part in gathering it)."""
