@@ -17,7 +17,7 @@ SWITCHES = ("auto", "true", "false")
 # samples the rollouts (use_vllm), not the method
 RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
              "ddp_timeout", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "use_vllm",
-             "vllm_gpu_memory_utilization", "output_dir")
+             "vllm_gpu_memory_utilization", "vllm_max_model_length", "output_dir")
 
 
 def option(default, help, switch=False):
@@ -81,7 +81,10 @@ class Config:
     use_vllm: str = option("false", "rollouts and evaluation through a colocated vLLM engine per process, weights "
                                     "loaded after each update: true (CUDA; pip install 'dypo-kernels[vllm]'), false",
                            switch=True)
-    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU's memory vLLM reserves (weights, KV cache)")
+    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU's memory vLLM reserves (weights, KV cache); "
+                                                     "that much must be free when it starts")
+    vllm_max_model_length: int = option(0, "longest prompt + completion vLLM serves (its KV cache must hold one); "
+                                           "0: the model's maximum positions")
     learning_rate: float = option(3e-3, "AdamW learning rate (tiny model; the paper's 1e-6 is for real models)")
     lr_scheduler_type: str = option("constant", f"one of {', '.join(SCHEDULES)} (after warmup)")
     warmup_ratio: float = option(0.0, "share of max_steps with a linear warmup")
@@ -122,13 +125,15 @@ def _check(config: Config, fail):
             fail(f"{name} must be positive; got {getattr(config, name)}")
     if not 0 < config.vllm_gpu_memory_utilization <= 1:
         fail(f"vllm_gpu_memory_utilization must lie in (0, 1]; got {config.vllm_gpu_memory_utilization}")
+    if config.use_vllm == "true" and not 0.01 <= config.temperature <= 2:
+        fail(f"temperature must lie in [0.01, 2] with use_vllm true (vLLM's range); got {config.temperature}")
     for name in ("alpha", "warmup_ratio"):
         if not 0 <= getattr(config, name) <= 1:
             fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")
     if not 0 <= config.epsilon < 1:
         fail(f"epsilon must lie in [0, 1); got {config.epsilon}")
     for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "weight_decay", "num_samples",
-                 "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size"):
+                 "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "vllm_max_model_length"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):

@@ -27,7 +27,9 @@ from dypo.policy import ModelError, until_eos
 
 def start_vllm(config, model, codec, runtime, world):
     """A VLLMEngine for this process, or a ModelError naming what is missing. Call it before sharding ``model``
-    (the embedded model is saved once, whole, for vLLM to read its architecture)."""
+    (the embedded model is saved once, whole, for vLLM to read its architecture). Every rank calls it: vLLM builds
+    its process groups and checks free memory collectively. vLLM seeds Python's, numpy's and torch's global RNGs
+    here."""
     if runtime.device.type != "cuda":
         raise ModelError("use_vllm true needs CUDA (vLLM runs on GPUs); this machine has none")
     if importlib.util.find_spec("vllm") is None:
@@ -47,6 +49,7 @@ def start_vllm(config, model, codec, runtime, world):
               dtype="bfloat16" if runtime.autocast_dtype == torch.bfloat16 else "float32",
               gpu_memory_utilization=config.vllm_gpu_memory_utilization,
               distributed_executor_backend="external_launcher", seed=config.seed + world.rank,
+              max_model_len=config.vllm_max_model_length or None,
               max_num_batched_tokens=4096)  # as TRL: the default misleads V1's memory profiler
     return VLLMEngine(llm, codec)
 
@@ -72,7 +75,8 @@ class VLLMEngine:
         if version == self.synced_version:
             return
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        for name, tensor in model.state_dict().items():
+        # parameters, not state_dict(): a tied lm_head.weight sent alone makes vLLM's alias check raise
+        for name, tensor in model.named_parameters():
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             engine_model.load_weights([(name, full)])
         self.llm.reset_prefix_cache()

@@ -95,7 +95,7 @@ def test_engine_maps_sampling_and_cuts_at_eos(stand_in_vllm):
                                      temperature=1.0, greedy=True)
     assert len(sampled) == 2 and all(len(completion) <= 6 for completion in sampled)
     assert engine.llm.prefix_resets == 1  # one load: no update in between
-    assert set(engine.llm.loaded_names) == set(trainer.model.state_dict())
+    assert engine.llm.loaded_names == [name for name, _ in trainer.model.named_parameters()]
     assert trainer.completions([], temperature=1.0) == [] and len(engine.llm.calls) == 2
     eos = trainer.codec.eos_ids[0]
     engine.llm.generate = lambda prompts, sampling_params, use_tqdm: [outputs([5, eos, 7]), outputs([5, 6])]
@@ -119,9 +119,25 @@ def test_training_with_vllm_samples_from_the_weights_of_the_latest_update(stand_
     assert engine.llm.prefix_resets == len(set(versions))  # one load per new update count, none in between
 
 
+def test_a_tied_head_is_sent_once(stand_in_vllm):
+    """vLLM ties lm_head to the embedding; a lone lm_head.weight would fail its alias check."""
+    trainer = Trainer(Config(use_vllm="true", num_generations=2, prompts_per_step=2, max_new_tokens=4))
+    engine, = stand_in_vllm
+    trainer.model.lm_head.weight = trainer.model.model.embed_tokens.weight
+    engine.sync(trainer.model, version="tied")
+    assert "lm_head.weight" not in engine.llm.loaded_names[-len(list(trainer.model.parameters())):]
+
+
 def test_use_vllm_without_cuda_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--use_vllm", "true", "--output_dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
         "use_vllm true needs CUDA (vLLM runs on GPUs); this machine has none")
+
+
+def test_temperature_outside_vllms_range_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--use_vllm", "true", "--temperature", "3", "--output_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "temperature must lie in [0.01, 2] with use_vllm true" in capsys.readouterr().err
