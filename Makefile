@@ -8,15 +8,17 @@ VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.
 	peft==0.21.2 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 pillow==13.0.0
 
 .PHONY: test demo bench train
+# verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11 and tensordict <= 0.10, so it goes
+# in without its pins, then what its registries, compute_advantage and ppo_loss import (tested with these
+# versions), constrained to the torch and transformers already installed
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	# verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11, so it goes in without its
-	# pins, with what its registries, compute_advantage and ppo_loss import (tested with these versions)
 	$(BIN)/pip install --quiet --no-deps verl==0.9.1
-	$(BIN)/pip install --quiet $(VERL_IMPORTS)
+	$(BIN)/pip freeze | grep -iE '^(torch|transformers)==' > $(VENV)/keep.txt
+	$(BIN)/pip install --quiet -c $(VENV)/keep.txt $(VERL_IMPORTS)
 	touch $@
 
 test: $(VENV)/.installed

@@ -77,7 +77,7 @@ class Config:
                                       "0: the whole share at once")
     log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
                                                "log-probs); 0: all at once")
-    generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once")
+    generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once (vLLM batches by itself)")
     use_vllm: str = option("false", "rollouts and evaluation through a colocated vLLM engine per process, weights "
                                     "loaded after each update: true (CUDA; pip install 'dypo-kernels[vllm]'), false",
                            switch=True)
@@ -125,7 +125,7 @@ def _check(config: Config, fail):
             fail(f"{name} must be positive; got {getattr(config, name)}")
     if not 0 < config.vllm_gpu_memory_utilization <= 1:
         fail(f"vllm_gpu_memory_utilization must lie in (0, 1]; got {config.vllm_gpu_memory_utilization}")
-    if config.use_vllm == "true" and not 0.01 <= config.temperature <= 2:
+    if config.use_vllm == "true" and not 0.01 <= config.temperature <= 2:  # vLLM 0.31's SamplingParams
         fail(f"temperature must lie in [0.01, 2] with use_vllm true (vLLM's range); got {config.temperature}")
     for name in ("alpha", "warmup_ratio"):
         if not 0 <= getattr(config, name) <= 1:

@@ -34,7 +34,7 @@ from dypo import checkpoint, distributed, plots, policy, task
 from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.rewards import RewardError, load_reward, score
-from dypo.vllm_engine import start_vllm
+from dypo.vllm_engine import prepare_vllm, start_vllm
 from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
 
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
@@ -243,11 +243,12 @@ class Trainer:
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy = policy.FusedHead(self.model, self.runtime)
         self.reference_head = policy.FusedHead(self.reference, self.runtime)
-        self.engine = start_vllm(config, self.model, self.codec, self.runtime, self.world) \
-            if config.use_vllm == "true" else None
+        vllm_model = prepare_vllm(config, self.model, self.runtime) if config.use_vllm == "true" else None
         if self.world.distributed:
             distributed.shard(self.policy, self.model, self.world.device)
             distributed.shard(self.reference_head, self.reference, self.world.device)
+        self.engine = start_vllm(config, vllm_model, self.codec, self.runtime, self.world) if vllm_model else None
+        if self.world.distributed:
             torch.manual_seed(config.seed + 1 + self.world.rank)  # each rank samples its own rollouts
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)

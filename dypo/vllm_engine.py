@@ -25,27 +25,32 @@ import torch
 from dypo.policy import ModelError, until_eos
 
 
-def start_vllm(config, model, codec, runtime, world):
-    """A VLLMEngine for this process, or a ModelError naming what is missing. Call it before sharding ``model``
-    (the embedded model is saved once, whole, for vLLM to read its architecture). Every rank calls it: vLLM builds
-    its process groups and checks free memory collectively. vLLM seeds Python's, numpy's and torch's global RNGs
-    here."""
+def prepare_vllm(config, model, runtime):
+    """Where vLLM reads the model: ``--model``, or the embedded model saved whole to a temporary directory (call
+    this before sharding). A ModelError first when this machine cannot run vLLM."""
     if runtime.device.type != "cuda":
         raise ModelError("use_vllm true needs CUDA (vLLM runs on GPUs); this machine has none")
     if importlib.util.find_spec("vllm") is None:
         raise ModelError("use_vllm true needs vLLM: pip install 'dypo-kernels[vllm]'")
+    if config.model:
+        return config.model
+    path = tempfile.mkdtemp(prefix="dypo-vllm-model-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    model.save_pretrained(path)
+    return path
+
+
+def start_vllm(config, model_path, codec, runtime, world):
+    """This process's VLLMEngine. Call it after sharding: vLLM needs ``vllm_gpu_memory_utilization`` of the GPU
+    free when it starts. Every rank calls it (vLLM builds its process groups and checks free memory
+    collectively). vLLM seeds Python's, numpy's and torch's global RNGs here."""
     from vllm import LLM
 
-    if config.model:
-        path = config.model
-    else:
-        path = tempfile.mkdtemp(prefix="dypo-vllm-model-")
-        atexit.register(shutil.rmtree, path, ignore_errors=True)
-        model.save_pretrained(path)
+    torch.cuda.empty_cache()
     for name, value in (("RANK", world.rank), ("LOCAL_RANK", world.rank), ("WORLD_SIZE", world.size),
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", _free_port())):
         os.environ.setdefault(name, str(value))  # torchrun has set them; a single process has not
-    llm = LLM(model=str(path), skip_tokenizer_init=True, generation_config="vllm",
+    llm = LLM(model=str(model_path), skip_tokenizer_init=True, generation_config="vllm",
               dtype="bfloat16" if runtime.autocast_dtype == torch.bfloat16 else "float32",
               gpu_memory_utilization=config.vllm_gpu_memory_utilization,
               distributed_executor_backend="external_launcher", seed=config.seed + world.rank,

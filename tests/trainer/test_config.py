@@ -58,6 +58,10 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
     (["--learning_rate", "fast"], "argument --learning_rate: invalid float value"),
     (["--no_such_option", "1"], "unrecognized arguments"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no run directory there"),
+    (["--use_vllm", "auto"], "use_vllm must be one of true, false; got 'auto'"),
+    (["--vllm_gpu_memory_utilization", "0"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
+    (["--vllm_gpu_memory_utilization", "1.5"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
+    (["--vllm_max_model_length", "-1"], "vllm_max_model_length must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
