@@ -66,20 +66,23 @@ class DYPOTrainer(GRPOTrainer):
         check_head(unwrapped, type(unwrapped).__name__, Runtime(next(unwrapped.parameters()).device))
         self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
         self.teachers_field = teachers_field
-        self._teacher_rng = random.Random(self.args.seed)
 
     # rewards and routing ----------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
 
-    def _teacher_ids(self, row):
+    def _teacher_ids(self, row, position):
+        """A teacher solution of the row's prompt, drawn uniformly by a draw that depends only on the seed, the
+        optimizer step, the process and the row's position: a resumed run draws what the uninterrupted one did,
+        with no RNG state to checkpoint."""
         solutions = row.get(self.teachers_field)
         if isinstance(solutions, (str, dict)):
             solutions = [solutions]
         if not solutions:
             raise ValueError(f"DYPOTrainer: a hard prompt's row has no teacher solutions in {self.teachers_field!r}")
-        text = self._teacher_rng.choice(solutions)
+        draw = random.Random(f"{self.args.seed}:{self.state.global_step}:{self.accelerator.process_index}:{position}")
+        text = draw.choice(solutions)
         text = text["content"] if isinstance(text, dict) else text
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -104,7 +107,7 @@ class DYPOTrainer(GRPOTrainer):
             elif grade == Grade.HARD and not plain_grpo:
                 route[g * k:(g + 1) * k] = int(Route.SKIP)
                 route[g * k] = int(Route.SFT)
-                teacher_rows[g * k] = self._teacher_ids(inputs[g * k])
+                teacher_rows[g * k] = self._teacher_ids(inputs[g * k], g * k)
         if teacher_rows:
             self._put_teacher_solutions(output, teacher_rows)
         output.update(route=route, rewards=rewards)

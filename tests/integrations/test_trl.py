@@ -60,6 +60,20 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
     torch.testing.assert_close(trainer._compute_loss(model, inputs), expected / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_teacher_draws_depend_on_seed_step_and_row_only(trainer):
+    """No RNG state: what a resumed run draws is what the uninterrupted run drew."""
+    row = {"target": [f"{n}" for n in range(8)]}
+    tokenizer = trainer.processing_class
+
+    def draws(step):
+        trainer.state.global_step = step
+        return [tokenizer.decode(trainer._teacher_ids(row, position)[:-1]) for position in (0, 4, 8)]
+
+    first = [draws(step) for step in range(6)]
+    assert [draws(step) for step in reversed(range(6))] == first[::-1]  # any order, same draws
+    assert len({text for step_draws in first for text in step_draws}) > 3  # uniform-ish, not one fixed choice
+
+
 @pytest.mark.parametrize("option,value", [("top_entropy_quantile", 0.5), ("entropy_coef", 0.1),
                                           ("loss_type", "cispo")])
 def test_options_the_fused_loss_cannot_honour_are_refused(tmp_path, option, value):
