@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.0 codetiming==1.4.0 orjson==3.13.0 \
 	peft==0.21.2 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 pillow==13.0.0
 
-.PHONY: test demo bench train
+.PHONY: test demo bench train gpu-wheels
 # verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11 and tensordict <= 0.10, so it goes
 # in without its pins, then what its registries, compute_advantage and ppo_loss import (tested with these
 # versions), constrained to the torch and transformers already installed
@@ -33,3 +33,10 @@ bench: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(BIN)/python -m dypo.train --overwrite_output_dir
+
+# the competitors of benchmarks.report, as wheels for the GPU machines' Python 3.12 (they cannot download): carry
+# .whl to the machine and install it there with --no-index --no-deps --target (README, "GPU")
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1

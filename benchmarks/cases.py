@@ -32,6 +32,10 @@ class Unavailable(Exception):
     """This implementation does not offer this loss here (missing package, needs CUDA, ...): the reason says why."""
 
 
+class NotInstalled(Unavailable):
+    """The competitor's package is missing or fails to import: a report says so rather than dropping its rows."""
+
+
 @dataclass
 class Case:
     forward: Callable[[], torch.Tensor]
@@ -55,7 +59,7 @@ def _liger():
     try:
         import liger_kernel.chunked_loss as chunked
     except Exception as exc:  # not installed, or fails to import on this stack
-        raise Unavailable(f"liger-kernel unavailable ({type(exc).__name__}: {exc})")
+        raise NotInstalled(f"liger-kernel unavailable ({type(exc).__name__}: {exc})")
     return chunked
 
 
@@ -147,7 +151,7 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
         try:
             from cut_cross_entropy import linear_cross_entropy
         except Exception as exc:
-            raise Unavailable(f"cut-cross-entropy unavailable ({type(exc).__name__}: {exc})")
+            raise NotInstalled(f"cut-cross-entropy unavailable ({type(exc).__name__}: {exc})")
         cce_impl = "cce" if device.type == "cuda" else "torch_compile"
         reduction = "mean" if loss == "sft" else "none"
         if loss == "sft":

@@ -193,6 +193,9 @@ def main(argv=None):
             try:
                 case = cases.build(loss, impl, **dims, teachers=teachers, dtype=dtype, device=device)
                 seconds, peak = time_case(case, device)
+            except cases.NotInstalled as exc:
+                lines.append(f"| {label} | {impl} | not run: {exc} | | | | |")
+                continue
             except cases.Unavailable:
                 continue
             except torch.cuda.OutOfMemoryError:
