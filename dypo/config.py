@@ -73,8 +73,8 @@ class Config:
     train_batch_size: int = option(8, "prompts per update: an update fires whenever the SFT and RL queues "
                                       "together hold this many")
     micro_batch_size: int = option(0, "prompts per forward/backward of an update, gradients accumulated over the "
-                                      "batch (exact for loss_type grpo; other aggregations normalise per part); "
-                                      "0: the whole share at once")
+                                      "batch (each part normalised by the whole update's counts: exact for every "
+                                      "loss_type); 0: the whole share at once")
     log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
                                                "log-probs); 0: all at once")
     generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once (vLLM batches by itself)")

@@ -35,8 +35,10 @@ from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.rewards import RewardError, load_reward, score
 from dypo.vllm_engine import prepare_vllm, start_vllm
-from dypo_kernels import Grade, Route, dypo_loss, fused_linear_logprobs, group_advantages
+from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fused_linear_logprobs, \
+    group_advantages
 
+SUMMED_LOSS_TERMS = ("loss_sft", "loss_grpo", "loss_gal")  # with batch_totals, each part holds its share
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
                   "mean_ratio", "mean_kl", "pair_accuracy", "num_pairs", "num_prompts_sft", "num_prompts_rl",
                   "grad_norm", "learning_rate", "train_tokens")
@@ -311,17 +313,11 @@ class Trainer:
         return metrics, samples
 
     # update ---------------------------------------------------------------------------------------------------
-    def loss(self, groups, alpha):
-        """dypo_loss on a batch of routed groups after one forward of the policy to hidden states: (loss,
-        metrics, number of trained tokens)."""
-        config = self.config
+    def batch(self, groups):
+        """The padded tensors of a batch of routed groups, as dypo_loss takes them (ids, attention for the
+        forward)."""
         rows = [row for group in groups for row in group.rows]
         ids, attention, targets, mask = padded_batch(rows, self.codec.pad_id, self.world.device)
-        route = torch.tensor([group.route for group in groups for _ in group.rows], device=ids.device)
-        group_index = torch.tensor([g for g, group in enumerate(groups) for _ in group.rows], device=ids.device)
-        rewards = torch.tensor([row.reward for row in rows], device=ids.device)
-        advantages = torch.tensor([row.advantage for row in rows], device=ids.device)
-
         kept = mask.cpu()
 
         def logps_of(name):
@@ -333,31 +329,56 @@ class Trainer:
                     values[i, kept[i]] = torch.tensor(getattr(row, name))
             return values.to(ids.device)
 
-        old_logps, ref_logps = logps_of("old_logps"), logps_of("ref_logps")
-        loss, metrics = self.policy(ids, attention, lambda hidden, weight, bias: dypo_loss(
-            hidden, weight, targets, mask=mask, route=route, rewards=rewards, group_index=group_index,
-            advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, alpha=alpha, gamma=config.gamma,
-            beta_gal=config.beta_gal, beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high,
-            loss_type=config.loss_type, bias=bias, temperature=config.temperature, return_metrics=True))
-        return loss, metrics, int(mask.sum())
+        return dict(ids=ids, attention=attention, targets=targets, mask=mask,
+                    route=torch.tensor([group.route for group in groups for _ in group.rows], device=ids.device),
+                    group_index=torch.tensor([g for g, group in enumerate(groups) for _ in group.rows],
+                                             device=ids.device),
+                    rewards=torch.tensor([row.reward for row in rows], device=ids.device),
+                    advantages=torch.tensor([row.advantage for row in rows], device=ids.device),
+                    old_logps=logps_of("old_logps"), ref_logps=logps_of("ref_logps"))
+
+    def loss(self, batch, alpha, totals=None):
+        """dypo_loss on a batch (``batch``'s tensors) after one forward of the policy to hidden states, normalised
+        over the whole update's ``totals`` when the batch is a part of it: (loss, metrics, trained tokens)."""
+        config = self.config
+        loss, metrics = self.policy(batch["ids"], batch["attention"], lambda hidden, weight, bias: dypo_loss(
+            hidden, weight, batch["targets"], mask=batch["mask"], route=batch["route"], rewards=batch["rewards"],
+            group_index=batch["group_index"], advantages=batch["advantages"], old_logps=batch["old_logps"],
+            ref_logps=batch["ref_logps"], alpha=alpha, gamma=config.gamma, beta_gal=config.beta_gal,
+            beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, loss_type=config.loss_type,
+            bias=bias, temperature=config.temperature, batch_totals=totals, return_metrics=True))
+        return loss, metrics, int(batch["mask"].sum())
 
     def update(self, groups, step):
-        """One optimizer step on a batch of routed groups: dypo_loss, clip, step. With ``micro_batch_size`` the
-        batch goes through forward and backward that many prompts at a time, each part weighted by its share of
-        the prompts (for loss_type grpo the sum is exactly the whole batch's loss)."""
+        """One optimizer step on a batch of routed groups (this rank's block of the update): dypo_loss, clip, step.
+        With ``micro_batch_size`` the batch goes through forward and backward that many prompts at a time. When
+        the update is split (micro-batches, ranks), every part is normalised by the whole update's BatchTotals, so
+        the parts add up to the whole update's loss and gradient for every loss_type."""
         alpha = 1.0 if plain_rl(self.config.strategy, step, self.config) else self.config.alpha
         size = self.config.micro_batch_size or len(groups)
+        batches = [self.batch(groups[start:start + size]) for start in range(0, len(groups), size)]
+        split = len(batches) > 1 or self.world.distributed
+        totals = None
+        if split:
+            mine = BatchTotals.combine([batch_totals(mask=b["mask"], route=b["route"], rewards=b["rewards"],
+                                                     group_index=b["group_index"]) for b in batches])
+            totals = BatchTotals.combine(self.world.gather_objects([mine]))
         self.optimizer.zero_grad(set_to_none=True)
         loss, tokens, parts = 0.0, 0, []
-        for start in range(0, len(groups), size):
-            micro = groups[start:start + size]
-            micro_loss, micro_metrics, micro_tokens = self.loss(micro, alpha)
-            if len(micro) < len(groups):
-                micro_loss = micro_loss * (len(micro) / len(groups))
-            micro_loss.backward()
+        for batch in batches:
+            micro_loss, micro_metrics, micro_tokens = self.loss(batch, alpha, totals)
+            # each rank's loss is its share of the whole update's; FSDP averages the ranks' gradients
+            (micro_loss * self.world.size if self.world.distributed else micro_loss).backward()
             loss, tokens = loss + micro_loss.item(), tokens + micro_tokens
             parts.append({name: float(value) for name, value in micro_metrics.items()})
         loss_metrics = distributed.merge_metrics(parts)
+        if split:  # each part holds its share of the whole update's loss terms: their sums are the update's
+            shares = {name: sum(part.get(name, 0.0) for part in parts) for name in SUMMED_LOSS_TERMS}
+            shares["loss"] = loss
+            everyone = self.world.gather_objects([shares])
+            whole = {name: sum(rank[name] for rank in everyone) for name in shares}
+            loss = whole.pop("loss")
+            loss_metrics.update(whole)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()

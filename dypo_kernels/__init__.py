@@ -4,7 +4,7 @@ Every ``fused_*`` op takes hidden states and the lm_head weight, never the logit
 """
 
 from dypo_kernels.advantages import group_advantages
-from dypo_kernels.combined import dypo_loss
+from dypo_kernels.combined import BatchTotals, batch_totals, dypo_loss
 from dypo_kernels.gal import fused_gal_loss, gal_coefficients, gal_loss
 from dypo_kernels.grade import Grade, GroupAdvantages, Route
 from dypo_kernels.grpo import fused_grpo_loss
@@ -14,8 +14,8 @@ from dypo_kernels.multi_teacher_kl.sparse import fused_sparse_teacher_kl
 from dypo_kernels.sft import fused_sft_loss
 
 __all__ = [
-    "Grade", "GroupAdvantages", "Route", "dypo_loss", "fused_gal_loss", "fused_grpo_loss", "fused_linear_logprobs",
-    "fused_multi_teacher_kl", "fused_sft_loss",
-    "fused_sparse_teacher_kl", "gal_coefficients", "gal_loss", "group_advantages",
+    "BatchTotals", "Grade", "GroupAdvantages", "Route", "batch_totals", "dypo_loss", "fused_gal_loss",
+    "fused_grpo_loss", "fused_linear_logprobs", "fused_multi_teacher_kl", "fused_sft_loss", "fused_sparse_teacher_kl",
+    "gal_coefficients", "gal_loss", "group_advantages",
 ]
 __version__ = "0.1.0"

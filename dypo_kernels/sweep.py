@@ -169,17 +169,20 @@ def select_tokens(hidden, targets, mask):
     return kept, sequence, kept_hidden, kept_targets
 
 
-def token_weights(loss_type, mask, sequence, max_len=None):
+def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, num_tokens=None):
     """Weight of each kept token in the aggregation of ``loss_type`` over the sequences of ``mask`` ``[B, T]``:
     "grpo" 1 / (B * len_i) (mean of each sequence's token mean); "bnpo"/"dapo" 1 / (tokens in the batch);
-    "dr_grpo" 1 / (B * max_len), max_len defaulting to T. fp32 ``[N]`` for the tokens' sequences ``sequence``."""
+    "dr_grpo" 1 / (B * max_len), max_len defaulting to T. fp32 ``[N]`` for the tokens' sequences ``sequence``.
+    ``num_sequences`` / ``num_tokens`` replace B / the batch's tokens when the batch is a part of a larger one."""
     mask = mask.float()
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
         lengths = mask.sum(-1).clamp(min=1)
-        return 1.0 / (mask.shape[0] * lengths[sequence])
+        return 1.0 / (sequences * lengths[sequence])
     if loss_type in ("bnpo", "dapo"):
-        return (1.0 / mask.sum().clamp(min=1)).expand(sequence.shape[0]).contiguous()
-    return torch.full(sequence.shape, 1.0 / (max(mask.shape[0], 1) * (max_len or mask.shape[-1])),
+        tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens), device=mask.device)
+        return (1.0 / tokens.clamp(min=1)).expand(sequence.shape[0]).contiguous()
+    return torch.full(sequence.shape, 1.0 / (max(sequences, 1) * (max_len or mask.shape[-1])),
                       device=mask.device)
 
 

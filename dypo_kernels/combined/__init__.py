@@ -1,5 +1,7 @@
 """dypo_loss: DYPO's routed objective (SFT on hard prompts, GRPO + GAL on mid ones) in one sweep over the vocabulary."""
 
+from typing import NamedTuple
+
 import torch
 
 from dypo_kernels.advantages import group_advantages
@@ -38,18 +40,80 @@ def _check_routes(route, ids, num_groups):
     return is_rl, is_sft, int(group_rl.sum()), int(group_sft.sum())
 
 
-def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part):
-    """Aggregation weights of the kept tokens of one part (its rows ``rows_of_part``), 0 on the other tokens."""
+class BatchTotals(NamedTuple):
+    """Counts over a whole batch that dypo_loss normalises by, given to each part of it (micro-batches, ranks) so
+    that the parts' losses add up to the whole batch's: prompts (groups) and sequences with RL and SFT rows, their
+    response tokens, the widest part's padded width (dr_grpo's T) and the RL groups with a GAL pair."""
+
+    prompts_rl: int
+    prompts_sft: int
+    sequences_rl: int
+    sequences_sft: int
+    tokens_rl: int
+    tokens_sft: int
+    max_length: int
+    gal_groups: int
+
+    @classmethod
+    def combine(cls, parts):
+        """The totals of the union of disjoint parts."""
+        return cls(*(max(values) if name == "max_length" else sum(values)
+                     for name, values in zip(cls._fields, zip(*parts))))
+
+
+def _groups_with_pairs(rewards, ids):
+    """Groups among ``ids`` whose rewards are not all equal (GAL has a pair in them)."""
+    if not ids.numel():
+        return 0
+    groups = torch.unique(ids, return_inverse=True)[1]
+    count = int(groups.max()) + 1
+    highest = rewards.new_full((count,), float("-inf")).scatter_reduce(0, groups, rewards, "amax")
+    lowest = rewards.new_full((count,), float("inf")).scatter_reduce(0, groups, rewards, "amin")
+    return int((highest > lowest).sum())
+
+
+def _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_ids):
+    mask = mask.bool()
+    return BatchTotals(prompts_rl, prompts_sft, int(is_rl.sum()), int(is_sft.sum()), int(mask[is_rl].sum()),
+                       int(mask[is_sft].sum()), mask.shape[-1], _groups_with_pairs(rl_rewards, rl_ids))
+
+
+def batch_totals(*, mask, route, rewards, group_index):
+    """BatchTotals of one batch (the arguments as dypo_loss's); combine the parts' with BatchTotals.combine."""
+    ids, num_groups = group_ids(route.shape[0], route.device, None, group_index)
+    is_rl, is_sft, prompts_rl, prompts_sft = _check_routes(route, ids, num_groups)
+    return _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rewards[is_rl].float(), ids[is_rl])
+
+
+def batch_totals_of_part(totals, mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group):
+    """This batch's own BatchTotals, checked against the whole batch's ``totals`` (a ValueError naming
+    batch_totals when a count here exceeds the whole's)."""
+    if not isinstance(totals, BatchTotals):
+        raise TypeError(f"batch_totals must be a BatchTotals, got {type(totals).__name__}")
+    here = _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group)
+    larger = [name for name, part, whole in zip(BatchTotals._fields, here, totals) if part > whole]
+    if larger:
+        raise ValueError(f"batch_totals {totals} counts less than this batch holds ({', '.join(larger)}: "
+                         f"{here}); give the totals of a whole batch that contains this one")
+    return here
+
+
+def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals=None, part="rl"):
+    """Aggregation weights of the kept tokens of one part (its rows ``rows_of_part``), 0 on the other tokens;
+    normalised over the whole batch of ``totals`` when given."""
     rank = torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
     rank[rows_of_part] = torch.arange(rows_of_part.shape[0], device=mask.device)
     weights = torch.zeros(sequence.shape, dtype=torch.float32, device=mask.device)
-    weights[token_in_part] = token_weights(loss_type, mask[rows_of_part], rank[sequence[token_in_part]])
+    whole = {} if totals is None else dict(max_len=totals.max_length,
+                                           num_sequences=getattr(totals, f"sequences_{part}"),
+                                           num_tokens=getattr(totals, f"tokens_{part}"))
+    weights[token_in_part] = token_weights(loss_type, mask[rows_of_part], rank[sequence[token_in_part]], **whole)
     return weights, rank
 
 
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
-              loss_type="grpo", bias=None, temperature=1.0, return_metrics=False):
+              loss_type="grpo", bias=None, temperature=1.0, batch_totals=None, return_metrics=False):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
@@ -73,6 +137,10 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
         fused_grpo_loss; temperature > 0. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what
         lies outside the mask is not read.
+        batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
+            BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
+            dr_grpo's width, GAL's groups), so the parts' losses, gradients and loss_* metrics add up to the whole
+            batch's, for every loss_type. None: this batch is the whole.
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts),
             ``num_prompts_sft``, ``num_prompts_rl``, ``num_sweeps``, fused_grpo_loss's token metrics over the RL
             tokens and gal_loss's pair metrics.
@@ -115,12 +183,19 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask & (is_rl | is_sft)[:, None])
     token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
-    prompts = max(prompts_rl + prompts_sft, 1)
-    share_rl, share_sft = prompts_rl / prompts, prompts_sft / prompts
-    rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl)
-    sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft)
     rl_group = torch.unique(ids[rl_rows], return_inverse=True)[1]
     rl_rewards = rewards[rl_rows].float()
+    gal_fraction = 1.0  # of the whole batch's groups with a GAL pair that are here
+    if batch_totals is None:
+        prompts = max(prompts_rl + prompts_sft, 1)
+        share_rl, share_sft = prompts_rl / prompts, prompts_sft / prompts
+    else:
+        here = batch_totals_of_part(batch_totals, mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group)
+        prompts = max(batch_totals.prompts_rl + batch_totals.prompts_sft, 1)
+        share_rl, share_sft = batch_totals.prompts_rl / prompts, batch_totals.prompts_sft / prompts
+        gal_fraction = here.gal_groups / batch_totals.gal_groups if batch_totals.gal_groups else 0.0
+    rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
+    sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft, batch_totals, "sft")
     if advantages is None:
         rl_advantages = group_advantages(rl_rewards, group_index=rl_group).advantages if rl_rows.numel() else \
             rewards.new_zeros(0, dtype=torch.float32)
@@ -138,7 +213,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         terms.kl_weight = beta_kl * terms.pg_weight
     rl_mask = mask[rl_rows].float()
     ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
-    gal_scale = share_rl * (1 - alpha)
+    gal_scale = share_rl * (1 - alpha) * gal_fraction
     with_gal = gal_scale > 0 and rl_rows.numel() > 0
     with_gal_gradient = with_gal and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: GAL is log 2
     num_sweeps = 1
@@ -177,7 +252,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
             gal_value, outcome["gal_metrics"] = gal_loss(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps,
                                                          group_index=rl_group, beta=beta_gal, return_metrics=True)
             loss = loss + gal_scale * gal_value
-            outcome["loss_gal"] = gal_value
+            outcome["loss_gal"] = gal_value * gal_fraction
         if with_gal_gradient:
             drift = (seq_logps - used_seq_logps).abs().max()
             if not bool(drift * beta_gal <= SEQUENCE_LOGPROB_TOL):  # NaN drift corrects too

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dypo_kernels import Route, dypo_loss, fused_grpo_loss, fused_linear_logprobs, reference
+from dypo_kernels import BatchTotals, Route, batch_totals, dypo_loss, fused_grpo_loss, fused_linear_logprobs, \
+    reference
 from tests.batches import gradients, nearby_logps, sequence_batch
 from tests.conftest import HAS_CUDA, relative_error
 from tests.linear_logprobs.test_linear_logprobs import low_precision_dtype
@@ -144,6 +145,53 @@ def test_a_batch_with_one_route_only_matches_the_reference(backend, loss_type, o
     if only == Route.RL:
         with pytest.raises(ValueError, match="beta_kl=0.05 > 0 needs ref_logps"):
             dypo_loss(*args, **{**kwargs, "ref_logps": None})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("old", ["none", "stale"])
+def test_parts_given_the_whole_batch_totals_add_up_to_the_whole(backend, loss_type, old):
+    """How a trainer splits an update into micro-batches or ranks: each part, normalised by the whole batch's
+    totals, contributes its share, so that the sum is the whole batch's loss, gradients and loss terms."""
+    batch, kwargs = dypo_inputs(backend, old)
+    kwargs["loss_type"] = loss_type
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    whole, whole_metrics = dypo_loss(*args, return_metrics=True, **kwargs)
+    totals = batch_totals(mask=kwargs["mask"], route=kwargs["route"], rewards=kwargs["rewards"],
+                          group_index=kwargs["group_index"])
+    assert totals == BatchTotals(prompts_rl=2, prompts_sft=1, sequences_rl=6, sequences_sft=2,
+                                 tokens_rl=int(kwargs["mask"][[0, 2, 3, 5, 7, 8]].sum()),
+                                 tokens_sft=int(kwargs["mask"][[1, 6]].sum()), max_length=8, gal_groups=2)
+    assert relative_error(dypo_loss(*args, batch_totals=totals, **kwargs), whole) < 1e-6
+    total, part_totals, part_metrics = 0.0, [], []
+    for groups in ([0, 1], [2, 3]):
+        rows = torch.tensor([i for i, g in enumerate(GROUP_INDEX) if g in groups], device=backend)
+        part = {name: value[rows] if isinstance(value, torch.Tensor) and value.shape[0] == len(ROUTE) else value
+                for name, value in kwargs.items()}
+        part["group_index"] = torch.unique(part["group_index"], return_inverse=True)[1]
+        loss, metrics = dypo_loss(batch["hidden"][rows], batch["weight"], batch["targets"][rows], batch_totals=totals,
+                                  return_metrics=True, **part)
+        total = total + loss
+        part_metrics.append(metrics)
+        part_totals.append(batch_totals(mask=part["mask"], route=part["route"], rewards=part["rewards"],
+                                        group_index=part["group_index"]))
+    assert BatchTotals.combine(part_totals) == totals
+    assert relative_error(total, whole) < 1e-5
+    for grad, expected in zip(gradients(total, batch), gradients(whole, batch)):
+        assert relative_error(grad, expected) < 1e-5
+    for name in ("loss_sft", "loss_grpo", "loss_gal"):
+        assert sum(float(m.get(name, 0.0)) for m in part_metrics) == pytest.approx(float(whole_metrics[name]),
+                                                                                   rel=1e-5, abs=1e-7), name
+
+
+def test_batch_totals_smaller_than_the_batch_are_refused():
+    batch, kwargs = dypo_inputs("cpu")
+    totals = batch_totals(mask=kwargs["mask"], route=kwargs["route"], rewards=kwargs["rewards"],
+                          group_index=kwargs["group_index"])
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    with pytest.raises(ValueError, match="batch_totals .* counts less than this batch holds \\(tokens_rl"):
+        dypo_loss(*args, batch_totals=totals._replace(tokens_rl=1), **kwargs)
+    with pytest.raises(TypeError, match="batch_totals must be a BatchTotals"):
+        dypo_loss(*args, batch_totals=tuple(totals), **kwargs)
 
 
 def test_rollout_group_of_one_is_valid(backend):

@@ -19,8 +19,11 @@ from dypo.train import main
 
 REPO = Path(__file__).resolve().parents[2]
 FORCED = str(Path(__file__).with_name("forced_rollouts.py"))
+# dapo (one token count over the whole update) and every teacher solution (uneven sequences per prompt): exact
+# across ranks and micro-batches only because each part is normalised by the whole update's totals
 RUN = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "3", "--eval_prompts", "4",
-       "--num_generations", "8", "--prompts_per_step", "8", "--train_batch_size", "8"]
+       "--num_generations", "8", "--prompts_per_step", "8", "--train_batch_size", "8", "--loss_type", "dapo",
+       "--sft_teachers", "all"]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
@@ -60,7 +63,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     single, pair = root / "single", root / "pair"
     run(sys.executable, FORCED, *RUN, "--output_dir", str(single))
-    # the pair also cuts its work into micro-batches (uneven: 3 + 1 prompts per rank), exact for loss_type grpo
+    # the pair also cuts its work into micro-batches (uneven: 3 + 1 prompts per rank)
     torchrun(FORCED, *RUN, "--micro_batch_size", "3", "--log_prob_micro_batch_size", "5", "--output_dir", str(pair))
     return single, pair
 
