@@ -141,7 +141,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
             dr_grpo's width, GAL's groups), so the parts' losses, gradients and loss_* metrics add up to the whole
             batch's, for every loss_type. None: this batch is the whole.
-        return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts),
+        return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts; with
+            ``batch_totals``, this part's shares of the whole batch's),
             ``num_prompts_sft``, ``num_prompts_rl``, ``num_sweeps``, fused_grpo_loss's token metrics over the RL
             tokens and gal_loss's pair metrics.
 
@@ -155,8 +156,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     over the vocabulary adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are
     stale by design, cost 12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL
     rows gives the c_i first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory
-    O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes, rewards), the selection of kept tokens,
-    and the coefficient check; none inside the sweep.
+    O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes, rewards; with ``batch_totals``, this
+    part's counts), the selection of kept tokens, and the coefficient check; none inside the sweep.
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")
@@ -214,8 +215,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     rl_mask = mask[rl_rows].float()
     ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
     gal_scale = share_rl * (1 - alpha) * gal_fraction
-    with_gal = gal_scale > 0 and rl_rows.numel() > 0
-    with_gal_gradient = with_gal and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: GAL is log 2
+    with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # its metrics even where this part has no pair
+    with_gal_gradient = with_gal and gal_scale > 0 and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: log 2
     num_sweeps = 1
 
     def coefficients(seq_logps):
