@@ -42,7 +42,7 @@ from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGI
     register_adv_est, register_policy_loss
 
 from dypo_kernels import Grade, gal_loss, group_advantages
-from dypo_kernels.gal import sequence_logprobs
+from dypo_kernels.gal import groups_with_pairs, sequence_logprobs
 from dypo_kernels.validation import check_number
 
 REORDERED = ("GAL needs each prompt's rollouts in one block of rollout.n rows: set trainer.use_v1=False, "
@@ -153,11 +153,7 @@ def dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
     group_index = torch.unique(answered // group_size, return_inverse=True)[1]
     gal_mean, gal_metrics = gal_loss(seq_logps[answered], rewards[answered], group_index=group_index, beta=beta_gal,
                                      return_metrics=True)
-    group_max = torch.full((batch_size // group_size,), -torch.inf, device=rewards.device)
-    group_min = torch.full_like(group_max, torch.inf)
-    group_max = group_max.scatter_reduce(0, answered // group_size, rewards[answered], "amax")
-    group_min = group_min.scatter_reduce(0, answered // group_size, rewards[answered], "amin")
-    groups_with_pairs = int((group_max > group_min).sum())
+    pair_groups = groups_with_pairs(rewards[answered], answered // group_size)
     batch_info = getattr(config, "global_batch_info", None) or {}
     dp_size, global_batch_size = batch_info.get("dp_size", 1), batch_info.get("global_batch_size")
     if global_batch_size is None:
@@ -165,9 +161,9 @@ def dypo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
             raise ValueError("loss_mode=dypo needs global_batch_size in the actor config's global_batch_info when "
                              "dp_size > 1")
         global_batch_size = batch_size
-    gal = gal_mean * groups_with_pairs * group_size / global_batch_size * dp_size
+    gal = gal_mean * pair_groups * group_size / global_batch_size * dp_size
     metrics.update({"actor/gal_loss": gal_mean.item(), "actor/gal_pair_accuracy": gal_metrics["pair_accuracy"].item(),
-                    "actor/gal_groups": groups_with_pairs})
+                    "actor/gal_groups": pair_groups})
     return alpha * grpo + (1 - alpha) * gal, metrics
 
 

@@ -6,7 +6,7 @@ import torch
 
 from dypo_kernels.advantages import group_advantages
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal import gal_coefficients, gal_loss, sequence_logprobs
+from dypo_kernels.gal import gal_coefficients, gal_loss, groups_with_pairs, sequence_logprobs
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
@@ -61,21 +61,10 @@ class BatchTotals(NamedTuple):
                      for name, values in zip(cls._fields, zip(*parts))))
 
 
-def _groups_with_pairs(rewards, ids):
-    """Groups among ``ids`` whose rewards are not all equal (GAL has a pair in them)."""
-    if not ids.numel():
-        return 0
-    groups = torch.unique(ids, return_inverse=True)[1]
-    count = int(groups.max()) + 1
-    highest = rewards.new_full((count,), float("-inf")).scatter_reduce(0, groups, rewards, "amax")
-    lowest = rewards.new_full((count,), float("inf")).scatter_reduce(0, groups, rewards, "amin")
-    return int((highest > lowest).sum())
-
-
 def _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_ids):
     mask = mask.bool()
     return BatchTotals(prompts_rl, prompts_sft, int(is_rl.sum()), int(is_sft.sum()), int(mask[is_rl].sum()),
-                       int(mask[is_sft].sum()), mask.shape[-1], _groups_with_pairs(rl_rewards, rl_ids))
+                       int(mask[is_sft].sum()), mask.shape[-1], groups_with_pairs(rl_rewards, rl_ids))
 
 
 def batch_totals(*, mask, route, rewards, group_index):

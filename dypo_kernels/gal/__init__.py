@@ -53,8 +53,8 @@ def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
 def _group_weights(is_pair):
     """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair."""
     pairs_per_group = is_pair.sum((1, 2)).float()
-    groups_with_pairs = (pairs_per_group > 0).sum().clamp(min=1)
-    return is_pair / (pairs_per_group.clamp(min=1) * groups_with_pairs)[:, None, None]
+    pair_groups = (pairs_per_group > 0).sum().clamp(min=1)
+    return is_pair / (pairs_per_group.clamp(min=1) * pair_groups)[:, None, None]
 
 
 def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
@@ -89,6 +89,18 @@ def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_i
                    "pair_accuracy": (is_pair & (difference > 0)).sum() / num_pairs.clamp(min=1),
                    "mean_margin": torch.where(is_pair, difference, 0.0).sum() / num_pairs.clamp(min=1)}
     return loss, metrics
+
+
+def groups_with_pairs(rewards, group_ids):
+    """How many of the groups named by ``group_ids`` ([B] integers, any values) hold a GAL pair, i.e. rewards that
+    are not all equal; one host sync."""
+    if not group_ids.numel():
+        return 0
+    groups = torch.unique(group_ids, return_inverse=True)[1]
+    count = int(groups.max()) + 1
+    highest = rewards.new_full((count,), float("-inf")).scatter_reduce(0, groups, rewards, "amax")
+    lowest = rewards.new_full((count,), float("inf")).scatter_reduce(0, groups, rewards, "amin")
+    return int((highest > lowest).sum())
 
 
 def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0):

@@ -62,6 +62,7 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
     (["--vllm_gpu_memory_utilization", "0"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
     (["--vllm_gpu_memory_utilization", "1.5"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
     (["--vllm_max_model_length", "-1"], "vllm_max_model_length must be >= 0"),
+    (["--use_vllm", "true", "--temperature", "3"], "temperature must lie in [0.01, 2] with use_vllm true"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
