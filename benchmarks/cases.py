@@ -67,6 +67,7 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
     """The case ``loss`` x ``impl``; raises Unavailable when the implementation does not run here."""
     import dypo_kernels
     from dypo_kernels import reference
+    from dypo_kernels.linear_logprobs.cpu import rows_per_chunk
 
     if loss not in LOSSES or impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown case {loss!r} x {impl!r}")
@@ -197,15 +198,17 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
                                       dtype=token_logps.dtype)
 
         if impl == "fused":
+            # one sweep while a pair's tokens fit in a CPU logits chunk (T <= 512 at V = 32,768), else two (8NDV)
+            one_sweep = device.type == "cuda" or 2 * T <= rows_per_chunk(V)
             return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs,
                                                             beta=0.1),
-                        params, 4 * projection, inputs=inputs, loss_of_logps=of_logps)
+                        params, fused_flop if one_sweep else 4 * projection, inputs=inputs, loss_of_logps=of_logps)
         if impl == "naive":
             return Case(lambda: of_logps(reference.token_logprobs(hidden, weight, targets, **naive)[0]), params,
                         3 * projection)
         if impl.startswith("liger"):
             dpo = _liger().LigerFusedLinearDPOLoss(beta=0.1, compiled=impl == "liger-compiled", use_ref_model=False)
-            return Case(lambda: dpo(weight, hidden, targets)[0], params, 4 * projection)
+            return Case(lambda: dpo(weight, hidden, targets)[0], params, 3 * projection)  # grad_and_value per chunk
         raise Unavailable("Cut Cross-Entropy has no preference loss")
 
     # dypo

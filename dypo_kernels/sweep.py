@@ -10,12 +10,12 @@ the stored gradients by the incoming one (Liger-Kernel's scheme for its chunked 
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from dypo_kernels.linear_logprobs import correction_gradients, forward_and_gradients
+from dypo_kernels.linear_logprobs import correction_gradients, cpu, forward_and_gradients
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -29,7 +29,10 @@ class TokenTerms:
         - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
     with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy).
     ``seq_coef_t`` adds a constant to dL/dlp_t with no value: the GAL gradient c_i of the token's sequence, whose
-    value the caller computes from the sequence log-probs.
+    value the caller computes from the sequence log-probs. ``group_gradient(rows, logps)`` adds to dL/dlp_t a term
+    that depends on the log-probs of other tokens (GAL's c_i, from the current sequence log-probs of the tokens'
+    groups); the sweep then takes the token ranges ``chunks`` whole, each holding whole groups and at most one
+    chunk's rows, and calls it with one of them (or with all the rows).
     """
 
     pg_weight: Optional[torch.Tensor] = None
@@ -39,6 +42,8 @@ class TokenTerms:
     ref_logps: Optional[torch.Tensor] = None
     nll_weight: Optional[torch.Tensor] = None
     seq_coef: Optional[torch.Tensor] = None
+    group_gradient: Optional[Callable[[slice, torch.Tensor], torch.Tensor]] = None
+    chunks: Optional[List[Tuple[int, int]]] = None
     eps_low: float = 0.2
     eps_high: float = 0.2
 
@@ -74,6 +79,8 @@ class TokenTerms:
             gradient -= self.nll_weight[rows]
         if self.seq_coef is not None:
             gradient += self.seq_coef[rows]
+        if self.group_gradient is not None:
+            gradient += self.group_gradient(rows, logps)
         return value, gradient, parts
 
 
@@ -111,7 +118,7 @@ def sweep(hidden, weight, bias, targets, inv_temperature, terms: TokenTerms, *, 
         return SweepResult(empty, empty, empty, value, parts, grads)
     lse, logps, entropy, *grads = forward_and_gradients(hidden, weight, bias, targets, inv_temperature,
                                                         gradient_of_logps, needs_input_grad=needs_input_grad,
-                                                        backend=backend)
+                                                        backend=backend, chunks=terms.chunks)
     return SweepResult(lse, logps, entropy, value, parts, tuple(grads))
 
 
@@ -155,15 +162,19 @@ def sweep_loss(hidden, weight, bias, targets, temperature, backend, terms, finis
                                    torch.is_grad_enabled())
 
 
-def select_tokens(hidden, targets, mask):
+def select_tokens(hidden, targets, mask, rows=None):
     """The tokens a loss uses, dropped to ``[N, D]`` rows before any projection.
 
-    hidden ``[B, T, D]``, targets and mask ``[B, T]``. Returns (flat index into B*T, sequence of each token,
-    hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64). One host sync (the number of kept tokens).
+    hidden ``[B, T, D]``, targets and mask ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in
+    order). Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]``
+    int64). One host sync (the number of kept tokens).
     """
-    flat_mask = mask.reshape(-1)
-    kept = flat_mask.nonzero().squeeze(1)
-    sequence = torch.div(kept, targets.shape[-1], rounding_mode="floor")
+    length = targets.shape[-1]
+    if rows is None:
+        kept = mask.reshape(-1).nonzero().squeeze(1)
+    else:
+        kept = (rows[:, None] * length + torch.arange(length, device=rows.device))[mask[rows]]
+    sequence = torch.div(kept, length, rounding_mode="floor")
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).contiguous()
     kept_targets = targets.reshape(-1).index_select(0, kept).long().contiguous()
     return kept, sequence, kept_hidden, kept_targets
@@ -189,3 +200,37 @@ def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, n
 def token_mean(values):
     """Mean of a per-token diagnostic (0 for no token)."""
     return values.mean() if values.numel() else values.new_zeros(())
+
+
+def chunk_capacity(backend, vocab_size):
+    """The most rows one chunk of a sweep may hold: a CPU chunk of logits; Triton takes all rows in one call."""
+    return float("inf") if backend == "triton" else cpu.rows_per_chunk(vocab_size)
+
+
+def whole_group_chunks(tokens_per_group, capacity, free_tokens=0):
+    """Chunks for TokenTerms.chunks: token ranges (start, stop) of at most ``capacity`` tokens over groups of
+    consecutive tokens (``tokens_per_group``), each group whole, then ``free_tokens`` tokens that may be split
+    anywhere; each with the groups it holds (first, last + 1). None when one group alone has more tokens than
+    ``capacity``. Ranges without tokens are left out."""
+    chunks, token_start, token_stop, group_start = [], 0, 0, 0
+
+    def close(group_stop):
+        nonlocal token_start, group_start
+        if token_stop > token_start:
+            chunks.append((token_start, token_stop, group_start, group_stop))
+        token_start, group_start = token_stop, group_stop
+
+    for group, count in enumerate(tokens_per_group):
+        if count > capacity:
+            return None
+        if token_stop + count - token_start > capacity:
+            close(group)
+        token_stop += count
+    num_groups, remaining = len(tokens_per_group), free_tokens
+    while remaining:
+        if token_stop - token_start == capacity:
+            close(num_groups)
+        taken = min(capacity - (token_stop - token_start), remaining)
+        token_stop, remaining = token_stop + taken, remaining - taken
+    close(num_groups)
+    return chunks

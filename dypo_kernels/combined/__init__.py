@@ -11,15 +11,17 @@ from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
 from dypo_kernels.linear_logprobs import fused_linear_logprobs
-from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss, token_weights
+from dypo_kernels.sweep import TokenTerms, chunk_capacity, select_tokens, sweep_loss, token_weights, \
+    whole_group_chunks
 from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
     check_tensor
 
-# The GAL gradient is formed with coefficients c_i computed before the sweep, from old_logps' sequence log-probs S.
-# If the sweep's own S differ from those by more than this / beta_gal, the old log-probs were not the current
-# policy's and one more gradient pass adds the difference. Below it, as |dc/dS| <= beta_gal^2 w / 4 for pair weight
-# w, each coefficient is off by at most 2.5e-3 of its largest possible size beta_gal w: bf16 rounding's size. The
-# same log-probs give the same S bit for bit; fp32 noise in S (sums of thousands of log-probs) stays below 1e-2.
+# Where a CPU chunk cannot hold a whole RL group, the GAL gradient is formed with coefficients c_i computed before the
+# sweep, from old_logps' sequence log-probs S. If the sweep's own S differ from those by more than this / beta_gal,
+# the old log-probs were not the current policy's and one more gradient pass adds the difference. Below it, as
+# |dc/dS| <= beta_gal^2 w / 4 for pair weight w, each coefficient is off by at most 2.5e-3 of its largest possible
+# size beta_gal w: bf16 rounding's size. The same log-probs give the same S bit for bit; fp32 noise in S (sums of
+# thousands of log-probs) stays below 1e-2.
 SEQUENCE_LOGPROB_TOL = 1e-2
 
 
@@ -139,14 +141,16 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
 
     Sweeps: every term's logit gradient is g_t (onehot - softmax) / T, with GAL's g_t = c_i the per-sequence
-    coefficient of gal_coefficients (DESIGN.md section 1). With ``old_logps`` the c_i come from them and the whole
-    loss takes one sweep (CPU 6NDV; CUDA 8NDV, no logits buffer); if the sweep's log-probs show the old ones were not
-    the current policy's (sequence log-probs off by more than SEQUENCE_LOGPROB_TOL / beta_gal), one gradient pass
-    over the vocabulary adds the difference (+6NDV; so later updates on the same rollouts, whose old log-probs are
-    stale by design, cost 12NDV). Without ``old_logps`` (and alpha < 1, beta_gal > 0) a no-gradient pass over the RL
-    rows gives the c_i first (+2NDV). Under torch.no_grad neither extra pass runs. Extra memory
+    coefficient of gal_coefficients (DESIGN.md section 1), which needs the current log-probs of i's whole group. The
+    sweep takes the RL rows group by group, each chunk holding whole groups (then the SFT tokens), and computes each
+    chunk's c_i from its own log-probs before forming its gradient: one sweep (CPU 6NDV, CUDA 8NDV with no logits
+    buffer) whatever ``old_logps`` are. Always on CUDA; on CPU while every RL group's response tokens fit in one chunk
+    (128 MiB / 4V: 1,024 tokens at V = 32,768, 220 at V = 151,936). Otherwise the c_i come from ``old_logps``
+    before the sweep, and if the sweep's log-probs show those were not the current policy's (sequence log-probs off by
+    more than SEQUENCE_LOGPROB_TOL / beta_gal), one gradient pass adds the difference (+6NDV); without ``old_logps`` a
+    no-gradient pass over the RL rows gives them first (+2NDV). Under torch.no_grad no extra pass runs. Extra memory
     O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes, rewards; with ``batch_totals``, this
-    part's counts), the selection of kept tokens, and the coefficient check; none inside the sweep.
+    part's counts), the selection of kept tokens, the chunking, and the coefficients' checks (per chunk, or once).
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")
@@ -170,9 +174,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     backend = select_backend(device)
 
     mask = mask.bool()
-    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask & (is_rl | is_sft)[:, None])
-    token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
+    rl_rows = rl_rows[torch.argsort(ids[rl_rows], stable=True)]  # each group's rows together
     rl_group = torch.unique(ids[rl_rows], return_inverse=True)[1]
     rl_rewards = rewards[rl_rows].float()
     gal_fraction = 1.0  # of the whole batch's groups with a GAL pair that are here
@@ -184,6 +187,21 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         prompts = max(batch_totals.prompts_rl + batch_totals.prompts_sft, 1)
         share_rl, share_sft = batch_totals.prompts_rl / prompts, batch_totals.prompts_sft / prompts
         gal_fraction = here.gal_groups / batch_totals.gal_groups if batch_totals.gal_groups else 0.0
+    gal_scale = share_rl * (1 - alpha) * gal_fraction
+    with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # its metrics even where this part has no pair
+    with_gal_gradient = with_gal and gal_scale > 0 and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: log 2
+    chunks = None
+    if with_gal_gradient:  # chunks of whole RL groups (then the SFT tokens) compute their own GAL coefficients
+        num_rl_groups = int(rl_group[-1]) + 1
+        tokens_per_group = torch.zeros(num_rl_groups, dtype=torch.long, device=device).index_add_(
+            0, rl_group, mask[rl_rows].sum(-1)).tolist()
+        chunks = whole_group_chunks(tokens_per_group, chunk_capacity(backend, weight.shape[0]),
+                                    free_tokens=int(mask[sft_rows].sum()))
+    if chunks is None:
+        kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask & (is_rl | is_sft)[:, None])
+    else:
+        kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, torch.cat([rl_rows, sft_rows]))
+    token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
     sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft, batch_totals, "sft")
     if advantages is None:
@@ -203,9 +221,6 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         terms.kl_weight = beta_kl * terms.pg_weight
     rl_mask = mask[rl_rows].float()
     ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
-    gal_scale = share_rl * (1 - alpha) * gal_fraction
-    with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # its metrics even where this part has no pair
-    with_gal_gradient = with_gal and gal_scale > 0 and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: log 2
     num_sweeps = 1
 
     def coefficients(seq_logps):
@@ -217,7 +232,31 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         values[token_rl] = per_sequence[rl_rank[sequence[token_rl]]]
         return values
 
-    if with_gal_gradient:
+    if chunks is not None:
+        terms.chunks = [chunk[:2] for chunk in chunks]
+        pair_groups = groups_with_pairs(rl_rewards, rl_group)
+        first_row = [0] + torch.bincount(rl_group, minlength=num_rl_groups).cumsum(0).tolist()
+        rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
+        rows_of_chunk[(0, kept.shape[0])] = (0, rl_rows.shape[0])  # Triton's single call covers every row
+
+        def group_gradient(tokens, logps):
+            """gal_scale c_i on the RL tokens of ``tokens``, c_i from their own sequence log-probs."""
+            gradient = torch.zeros_like(logps)
+            first, last = rows_of_chunk[(tokens.start, tokens.stop)]
+            if first == last:
+                return gradient
+            in_rl = token_rl[tokens]
+            rank = rl_rank[sequence[tokens][in_rl]] - first
+            chunk_seq_logps = torch.zeros(last - first, device=device).index_add_(0, rank, logps[in_rl])
+            chunk_coefficients = gal_coefficients(
+                chunk_seq_logps, rl_rewards[first:last], group_index=rl_group[first:last] - rl_group[first],
+                ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps[first:last], beta=beta_gal,
+                pair_groups=pair_groups)
+            gradient[in_rl] = gal_scale * chunk_coefficients[rank]
+            return gradient
+
+        terms.group_gradient = group_gradient
+    elif with_gal_gradient:
         if old_logps is not None:
             used_seq_logps = sequence_logprobs(old_logps.detach()[rl_rows], rl_mask, False)
         else:  # the current S_i from a pass without gradients
@@ -243,7 +282,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
                                                          group_index=rl_group, beta=beta_gal, return_metrics=True)
             loss = loss + gal_scale * gal_value
             outcome["loss_gal"] = gal_value * gal_fraction
-        if with_gal_gradient:
+        if with_gal_gradient and chunks is None:
             drift = (seq_logps - used_seq_logps).abs().max()
             if not bool(drift * beta_gal <= SEQUENCE_LOGPROB_TOL):  # NaN drift corrects too
                 correction = gal_scale * per_token(coefficients(seq_logps) - used_coefficients)

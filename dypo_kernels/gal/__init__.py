@@ -4,8 +4,10 @@ from hidden states."""
 import torch
 import torch.nn.functional as F
 
+from dypo_kernels.backend import select_backend
 from dypo_kernels.groups import group_ids
 from dypo_kernels.linear_logprobs import fused_linear_logprobs
+from dypo_kernels.sweep import TokenTerms, chunk_capacity, select_tokens, sweep_loss, whole_group_chunks
 from dypo_kernels.validation import check_number, check_per_sequence, check_same_device, check_sequence_batch, \
     check_temperature, check_tensor
 
@@ -50,10 +52,11 @@ def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
     return difference, is_pair, (ids, order, slot)
 
 
-def _group_weights(is_pair):
-    """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair."""
+def _group_weights(is_pair, pair_groups=None):
+    """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair. ``pair_groups`` replaces
+    the count of groups with pairs when the groups are a part of a batch."""
     pairs_per_group = is_pair.sum((1, 2)).float()
-    pair_groups = (pairs_per_group > 0).sum().clamp(min=1)
+    pair_groups = (pairs_per_group > 0).sum().clamp(min=1) if pair_groups is None else max(pair_groups, 1)
     return is_pair / (pairs_per_group.clamp(min=1) * pair_groups)[:, None, None]
 
 
@@ -91,29 +94,37 @@ def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_i
     return loss, metrics
 
 
+def _has_pair(rewards, ids, num_groups):
+    """bool ``[G]``: the groups (ids 0..G-1 of the rows) whose rewards are not all equal, the only ones with pairs."""
+    rewards = rewards.float()
+    highest = rewards.new_full((num_groups,), float("-inf")).scatter_reduce(0, ids, rewards, "amax")
+    lowest = rewards.new_full((num_groups,), float("inf")).scatter_reduce(0, ids, rewards, "amin")
+    return highest > lowest
+
+
 def groups_with_pairs(rewards, group_ids):
     """How many of the groups named by ``group_ids`` ([B] integers, any values) hold a GAL pair, i.e. rewards that
     are not all equal; one host sync."""
     if not group_ids.numel():
         return 0
     groups = torch.unique(group_ids, return_inverse=True)[1]
-    count = int(groups.max()) + 1
-    highest = rewards.new_full((count,), float("-inf")).scatter_reduce(0, groups, rewards, "amax")
-    lowest = rewards.new_full((count,), float("inf")).scatter_reduce(0, groups, rewards, "amin")
-    return int((highest > lowest).sum())
+    return int(_has_pair(rewards, groups, int(groups.max()) + 1).sum())
 
 
-def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0):
+def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
+                     pair_groups=None):
     """c_i = d gal_loss / d S_i, detached ``[B]`` fp32: the GAL gradient is sum_i c_i grad S_i (DESIGN.md section
     1, "a useful identity"), so a fused sweep can treat c_i as a per-sequence advantage.
 
     With w_sf = 1 / (pairs of the group * groups with pairs) and sigma = sigmoid(-beta d_sf):
     c_s = -beta sum_f w_sf sigma_sf over the pairs where s succeeds, c_f = +beta sum_s w_sf sigma_sf where f fails.
+    ``pair_groups``: the number of groups with pairs in the whole batch when these rows are whole groups of it
+    (None: those counted here).
     """
     with torch.no_grad():
         difference, is_pair, (ids, order, slot) = _pairs(seq_logps.detach(), rewards, ref_seq_logps,
                                                          group_size, group_index, beta)
-        pull = _group_weights(is_pair) * beta * torch.sigmoid(-beta * difference)
+        pull = _group_weights(is_pair, pair_groups) * beta * torch.sigmoid(-beta * difference)
         padded = pull.sum(2) * -1.0 + pull.sum(1)  # [G, K]: as the successful s, minus; as the failed f, plus
         coefficients = torch.empty_like(seq_logps, dtype=torch.float32)
         coefficients[order] = padded[ids[order], slot]
@@ -138,15 +149,20 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
         rewards: ``[B]`` finite; pairs (s, f) of one group with R_s > R_f.
         group_size / group_index: uniform groups of consecutive rows or ``[B]`` ids 0..G-1 (exactly one).
         mask: ``[B, T]`` the response tokens (None: all).
-        ref_logps: ``[B, T]`` reference token log-probs, or ref_seq_logps ``[B]`` (at most one).
-        beta: >= 0; temperature > 0; return_metrics: as gal_loss.
+        ref_logps: ``[B, T]`` reference token log-probs, or ref_seq_logps ``[B]`` (at most one); constants.
+        beta: >= 0; temperature > 0; return_metrics: as gal_loss, plus ``num_sweeps``.
 
     Returns:
         fp32 scalar (and the metrics); a batch without pairs gives 0 with zero gradients.
 
-    Cost: two sweeps over the vocabulary (8NDV FLOP): the GAL gradient sum_i c_i grad S_i needs the current S_i
-    before any gradient can be formed. dypo_loss with the current policy's ``old_logps`` knows them beforehand and
-    needs one sweep. Extra memory O(N*D + V*D + chunk*V) (that of fused_linear_logprobs).
+    Cost: the rows of groups whose rewards are all equal (no pair) are not projected at all. The gradient is
+    sum_i c_i grad S_i, and c_i needs the current S of every sequence of i's group. One sweep (CPU 6NDV FLOP, CUDA
+    8NDV) when every group's response tokens fit in one CPU chunk of logits (128 MiB / 4V, e.g.
+    1,024 tokens at V = 32,768, 220 at V = 151,936), and always on CUDA: each chunk holds whole groups and computes
+    their c_i from its own log-probs before forming its gradient. On CPU with larger groups, two sweeps (8NDV): the
+    log-probs, then their gradient. Extra memory O(N*D + V*D + chunk*V) either way (one sweep holds the fp32
+    gradients of hidden and weight from the forward to the backward). Host syncs: the checks, the grouping, and in
+    each chunk the coefficients' checks.
     """
     check_sequence_batch(hidden, weight, bias, targets, mask, ref_logps=ref_logps)
     check_per_sequence(hidden.shape[0], hidden.device, rewards=rewards, ref_seq_logps=ref_seq_logps)
@@ -154,13 +170,66 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
         raise ValueError("give ref_logps ([B, T]) or ref_seq_logps ([B]), not both")
     check_number("beta", beta, low=0)
     check_temperature(temperature)
-    group_ids(hidden.shape[0], hidden.device, group_size, group_index)
+    ids, num_groups = group_ids(hidden.shape[0], hidden.device, group_size, group_index)
+    backend = select_backend(hidden.device)
 
-    mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
-    token_logps = fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -1), bias=bias,
-                                        temperature=temperature, ignore_index=-1)
-    seq_logps = sequence_logprobs(token_logps, mask, average_log_prob)
+    device = hidden.device
+    mask = torch.ones(targets.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
     if ref_logps is not None:
         ref_seq_logps = sequence_logprobs(ref_logps.detach(), mask, average_log_prob)
-    return gal_loss(seq_logps, rewards, ref_seq_logps=ref_seq_logps, group_size=group_size, group_index=group_index,
-                    beta=beta, return_metrics=return_metrics)
+    order = torch.arange(ids.shape[0], device=device) if group_size is not None else torch.argsort(ids, stable=True)
+    rows = order[_has_pair(rewards, ids, num_groups)[ids[order]]]  # the groups with pairs, each group's rows together
+    pair_group = torch.unique_consecutive(ids[rows], return_inverse=True)[1]
+    used = dict(rewards=rewards[rows].float(), group_index=pair_group, beta=beta,
+                ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps.detach()[rows].float())
+    lengths = mask[rows].sum(-1)
+    num_pair_groups = int(pair_group[-1]) + 1 if rows.numel() else 0
+    tokens_per_group = torch.zeros(num_pair_groups, dtype=torch.long, device=device).index_add_(
+        0, pair_group, lengths).tolist()
+    chunks = whole_group_chunks(tokens_per_group, chunk_capacity(backend, weight.shape[0]))
+
+    if chunks is None:  # the log-probs of every row, then gal_loss's gradient through them
+        used_targets = targets.masked_fill(~mask, -1).index_fill(0, _complement(rows, hidden.shape[0]), -1)
+        token_logps = fused_linear_logprobs(hidden, weight, used_targets, bias=bias, temperature=temperature,
+                                            ignore_index=-1)
+        seq_logps = sequence_logprobs(token_logps[rows], mask[rows], average_log_prob)
+        loss, metrics = gal_loss(seq_logps, return_metrics=True, **used)
+        return (loss, {**metrics, "num_sweeps": 2}) if return_metrics else loss
+
+    kept, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, rows)
+    sequence = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lengths)  # position in rows
+    divisor = lengths.clamp(min=1).float() if average_log_prob else torch.ones(rows.shape[0], device=device)
+    seq_logps = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
+    first_row = [0] + torch.bincount(pair_group, minlength=num_pair_groups).cumsum(0).tolist()
+    rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
+    rows_of_chunk[(0, kept.shape[0])] = (0, rows.shape[0])  # Triton's single call covers every row
+
+    def group_gradient(tokens, logps):
+        first, last = rows_of_chunk[(tokens.start, tokens.stop)]
+        if first == last:  # no pair in the batch
+            return torch.zeros_like(logps)
+        row = sequence[tokens] - first
+        seq_logps[first:last] = torch.zeros(last - first, device=device).index_add_(0, row, logps) / \
+            divisor[first:last]
+        coefficients = gal_coefficients(
+            seq_logps[first:last], used["rewards"][first:last], group_index=pair_group[first:last] - pair_group[first],
+            ref_seq_logps=None if used["ref_seq_logps"] is None else used["ref_seq_logps"][first:last], beta=beta,
+            pair_groups=num_pair_groups)
+        return (coefficients / divisor[first:last])[row]
+
+    terms = TokenTerms(group_gradient=group_gradient, chunks=[chunk[:2] for chunk in chunks])
+    outcome = {}
+
+    def finish(result):
+        loss, outcome["metrics"] = gal_loss(seq_logps, return_metrics=True, **used)
+        return loss, None
+
+    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
+    return (loss, {**outcome["metrics"], "num_sweeps": 1}) if return_metrics else loss
+
+
+def _complement(rows, size):
+    """The indices 0..size-1 that are not in ``rows``."""
+    keep = torch.ones(size, dtype=torch.bool, device=rows.device)
+    keep[rows] = False
+    return keep.nonzero().squeeze(1)

@@ -20,7 +20,7 @@ def _kernels(backend):
 
 
 def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps, *, needs_input_grad,
-                          backend):
+                          backend, chunks=None):
     """The sweep of the token-separable losses: (lse, logps, entropy) of every row and, in the same call, the fp32
     gradients of sum_t L_t(lp_t) where ``gradient_of_logps(rows, logps, entropy)`` gives g_t = dL_t/dlp_t for a slice
     of rows once their log-probs are known.
@@ -28,10 +28,13 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
     CPU: one sweep of chunked logits, 6NDV FLOP (cpu.forward_and_gradients). Triton: the forward kernel (2NDV), then
     the backward kernel with g as the log-prob gradient (6NDV, the tiles recomputed in registers): 8NDV, with no
     logits buffer at all, the trade Cut Cross-Entropy makes on GPUs.
+
+    ``chunks``: row ranges (start, stop) of at most ``cpu.rows_per_chunk`` rows, covering the rows in order, that the
+    CPU sweep must take as its chunks (None: equal chunks); Triton calls ``gradient_of_logps`` once for all rows.
     """
     if backend != "triton":
         return cpu.forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps,
-                                         needs_input_grad=needs_input_grad, backend=backend)
+                                         needs_input_grad=needs_input_grad, backend=backend, chunks=chunks)
     forward_impl, backward_impl = _kernels(backend)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # the kernels assume stride 1
     lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)

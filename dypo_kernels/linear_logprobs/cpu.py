@@ -117,12 +117,13 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
 
 
 def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps, *, needs_input_grad,
-                          backend):
+                          backend, chunks=None):
     """The single sweep: per chunk, logits -> (lse, logps, entropy) -> g = gradient_of_logps(rows, logps, entropy)
     -> the chunk's logits overwritten by their gradient g (onehot - p) / T -> its products with W and h.
 
     Returns (lse, logps, entropy, grad_hidden, grad_weight, grad_bias): the gradients of sum_t L_t(lp_t) where
-    g_t = dL_t/dlp_t, fp32, None where not needed. 6NDV FLOP, one chunk of logits alive at a time.
+    g_t = dL_t/dlp_t, fp32, None where not needed. 6NDV FLOP, one chunk of logits alive at a time. ``chunks``: the
+    row ranges (start, stop) to take as chunks, in order, each of at most rows_per_chunk rows (None: equal chunks).
     """
     needs_hidden, needs_weight, needs_bias = needs_input_grad
     weight32 = weight.float()
@@ -132,9 +133,11 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
     grad_hidden = torch.empty(hidden.shape, dtype=torch.float32) if needs_hidden else None
     grad_weight = torch.zeros_like(weight32) if needs_weight else None
     grad_bias = torch.zeros_like(bias32) if needs_bias else None
-    step = rows_per_chunk(weight.shape[0])
-    for start in range(0, hidden.shape[0], step):
-        rows = slice(start, start + step)
+    if chunks is None:
+        step = rows_per_chunk(weight.shape[0])
+        chunks = [(start, min(start + step, hidden.shape[0])) for start in range(0, hidden.shape[0], step)]
+    for start, stop in chunks:
+        rows = slice(start, stop)
         hidden_chunk, targets_chunk = hidden[rows], targets[rows]
         z = _chunk_logits(hidden_chunk, weight32, bias32, inv_temperature)
         if ext:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dypo_kernels import fused_gal_loss, reference
+from dypo_kernels.linear_logprobs import cpu
 from tests.batches import gradients, nearby_logps, sequence_batch
 from tests.conftest import relative_error
 
@@ -16,9 +17,23 @@ def reference_fused_gal(batch, rewards, *, ref_logps=None, average_log_prob=Fals
     return reference.gal_loss(seq_logps, rewards, ref_seq_logps=ref_seq, **group)
 
 
+CHUNK_ROWS = {"groups share a chunk": 45, "a chunk per group": 28, "groups exceed a chunk": 5}
+
+
+@pytest.fixture(params=list(CHUNK_ROWS))
+def expected_sweeps(request, backend, monkeypatch):
+    """The number of sweeps fused_gal_loss must take with CPU chunks of CHUNK_ROWS rows, at V = 90: the tests'
+    batches have groups of at most 4 x 7 tokens (so 28 rows hold one group, not two); Triton sweeps all rows at
+    once, whatever the chunk."""
+    monkeypatch.setattr(cpu, "LOGITS_CHUNK_BYTES", CHUNK_ROWS[request.param] * 4 * 90)
+    if request.param == "groups exceed a chunk" and request.node.backend_name != "triton":
+        return 2
+    return 1
+
+
 @pytest.mark.parametrize("average_log_prob", [False, True])
 @pytest.mark.parametrize("groups", ["uniform", "ragged"])
-def test_matches_float64_reference(backend, average_log_prob, groups):
+def test_matches_float64_reference(backend, expected_sweeps, average_log_prob, groups):
     batch = sequence_batch(8, 7, 32, 90, device=backend)
     generator = batch["generator"]
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.2]).to(backend)
@@ -35,26 +50,24 @@ def test_matches_float64_reference(backend, average_log_prob, groups):
     for grad, ref in zip(gradients(loss, batch), gradients(expected, batch)):
         assert relative_error(grad, ref) < 1e-5
     assert metrics["num_pairs"].item() > 0
+    assert metrics["num_sweeps"] == expected_sweeps
 
 
-def test_ref_seq_logps_equals_ref_logps_summed(backend):
-    batch = sequence_batch(4, 6, 16, 50, device=backend)
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).to(backend)
-    ref_logps = torch.randn(batch["targets"].shape, generator=batch["generator"]).to(backend)
-    common = (batch["hidden"], batch["weight"], batch["targets"], rewards)
-    by_token = fused_gal_loss(*common, group_size=2, mask=batch["mask"], ref_logps=ref_logps)
-    by_sequence = fused_gal_loss(*common, group_size=2, mask=batch["mask"],
-                                 ref_seq_logps=(ref_logps * batch["mask"]).sum(-1))
-    assert torch.allclose(by_token, by_sequence, rtol=1e-6, atol=1e-6)
-
-
-def test_no_pair_gives_zero_loss_with_zero_gradients(backend):
-    batch = sequence_batch(4, 5, 16, 40, device=backend)
-    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0]).to(backend)  # groups of two with equal rewards: no pair
-    loss = fused_gal_loss(batch["hidden"], batch["weight"], batch["targets"], rewards, group_size=2,
+def test_groups_without_pairs_are_not_projected(request, backend, expected_sweeps, monkeypatch):
+    batch = sequence_batch(8, 7, 32, 90, device=backend)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]).to(backend)  # group 1 of 4: all equal
+    projected = []
+    chunk_logits = cpu._chunk_logits
+    monkeypatch.setattr(cpu, "_chunk_logits", lambda hidden, *args: projected.append(hidden.shape[0]) or
+                        chunk_logits(hidden, *args))
+    loss = fused_gal_loss(batch["hidden"], batch["weight"], batch["targets"], rewards, group_size=4,
                           mask=batch["mask"], bias=batch["bias"])
-    assert loss.item() == 0.0
-    assert all(torch.all(g == 0) and torch.isfinite(g).all() for g in gradients(loss, batch))
+    grad_hidden = gradients(loss, batch)[0]
+    expected = reference_fused_gal(batch, rewards, group_size=4)
+    assert relative_error(loss, expected) < 1e-5
+    assert torch.all(grad_hidden[4:] == 0)
+    if request.node.backend_name != "triton":
+        assert sum(projected) == int(batch["mask"][:4].sum()) * expected_sweeps
 
 
 @pytest.mark.parametrize("kwargs,match", [
