@@ -84,20 +84,22 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
               eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
-              dtype=torch.float64):
+              use_bias_correction_kl=False, dtype=torch.float64):
     """Clipped GRPO loss (paper eq. 2-3) with the k3 KL penalty, on ``[B, T, D]`` hidden states.
 
     per-token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref - lp) - (ref - lp) - 1),
-    r_t = exp(lp_t - old_lp_t) (old = lp detached when ``old_logps`` is None). Aggregation: "grpo" mean over each
+    r_t = exp(lp_t - old_lp_t) (old = lp detached when ``old_logps`` is None); with ``use_bias_correction_kl`` the KL
+    term is multiplied by r_t (differentiable). Aggregation: "grpo" mean over each
     sequence's tokens then over sequences; "bnpo"/"dapo" mean over all tokens; "dr_grpo" sum / (B * max_len).
     """
     token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
     return grpo_loss_from_logps(token_logps, advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
-                                beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=max_len)
+                                beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=max_len,
+                                use_bias_correction_kl=use_bias_correction_kl)
 
 
 def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
-                         eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None):
+                         eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, use_bias_correction_kl=False):
     """grpo_loss on token log-probs ``[B, T]`` (differentiable) already computed, in their dtype."""
     dtype = token_logps.dtype
     mask = torch.ones_like(token_logps) if mask is None else mask.to(dtype)
@@ -107,7 +109,8 @@ def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, 
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     if beta != 0.0:
         delta = ref_logps.to(dtype) - token_logps
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * (ratio * kl if use_bias_correction_kl else kl)
     return _aggregate(per_token, mask, loss_type, max_len)
 
 
@@ -177,7 +180,7 @@ def sft_loss_from_logps(token_logps, valid, *, reduction="token_mean"):
 
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
-              loss_type="grpo", bias=None, temperature=1.0, dtype=torch.float64):
+              loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, dtype=torch.float64):
     """DYPO's routed objective, each part from the functions above on its own rows (route 1 = RL, 2 = SFT):
     (P_hard gamma L_SFT + P_mid (alpha L_GRPO + (1 - alpha) L_GAL)) / (P_hard + P_mid), P the prompts (groups) of
     each route; L_SFT aggregates -lp over the SFT rows as ``loss_type`` aggregates GRPO's per-token loss."""
@@ -186,12 +189,12 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     return dypo_loss_from_logps(token_logps, mask=mask, route=route, rewards=rewards, group_index=group_index,
                                 advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, alpha=alpha,
                                 gamma=gamma, beta_gal=beta_gal, beta_kl=beta_kl, eps_low=eps_low, eps_high=eps_high,
-                                loss_type=loss_type)
+                                loss_type=loss_type, use_bias_correction_kl=use_bias_correction_kl)
 
 
 def dypo_loss_from_logps(token_logps, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
                          ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
-                         loss_type="grpo"):
+                         loss_type="grpo", use_bias_correction_kl=False):
     """dypo_loss on token log-probs ``[B, T]`` already computed, in their dtype."""
     dtype = token_logps.dtype
     mask = mask.bool()
@@ -207,7 +210,8 @@ def dypo_loss_from_logps(token_logps, *, mask, route, rewards, group_index, adva
         grpo = grpo_loss_from_logps(token_logps[rl], rl_advantages, mask=mask[rl],
                                     old_logps=None if old_logps is None else old_logps[rl],
                                     ref_logps=None if ref_logps is None else ref_logps[rl], beta=beta_kl,
-                                    eps_low=eps_low, eps_high=eps_high, loss_type=loss_type)
+                                    eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
+                                    use_bias_correction_kl=use_bias_correction_kl)
         ref_seq = None if ref_logps is None else sequence_logprobs(ref_logps[rl].to(dtype), mask[rl])
         gal = gal_loss(sequence_logprobs(token_logps[rl], mask[rl]), rewards[rl], ref_seq_logps=ref_seq,
                        group_index=rl_group, beta=beta_gal, dtype=dtype)

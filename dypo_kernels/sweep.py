@@ -1,11 +1,12 @@
-"""The single sweep of the token-separable losses (fused_grpo_loss, fused_sft_loss, dypo_loss): one copy of their
+"""The single sweep of the losses (fused_grpo_loss, fused_sft_loss, fused_gal_loss, dypo_loss): one copy of their
 per-token math, and the autograd.Function that computes their value and all their gradients in one pass over the
 vocabulary.
 
 Each of these losses is sum_t L_t(lp_t), plus possibly GAL, whose gradient is sum_i c_i grad S_i with per-sequence
 coefficients c_i (DESIGN.md section 1, "a useful identity"). Their logit gradient is therefore
-g_t (onehot(y_t) - softmax(z_t)) / T with g_t = dL/dlp_t, a function of the token's own log-prob and of per-token
-constants: the sweep computes lp_t, then g_t, then the gradients, before the forward returns. The backward only scales
+g_t (onehot(y_t) - softmax(z_t)) / T with g_t = dL/dlp_t, a function of the token's own log-prob, of per-token
+constants and, for GAL, of the log-probs of the other tokens of its group, which the sweep takes in the same chunk:
+the sweep computes lp_t, then g_t, then the gradients, before the forward returns. The backward only scales
 the stored gradients by the incoming one (Liger-Kernel's scheme for its chunked losses).
 """
 
@@ -25,9 +26,11 @@ class TokenTerms:
     """Per-token constants of the objective, fp32 ``[N]`` over the kept tokens (None: the term is absent).
 
     L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 2-3)
-        + kl_weight_t * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)                     (k3 estimate of the KL)
+        + kl_weight_t * [r_t] * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)             (k3 estimate of the KL)
         - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
-    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy).
+    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy). The KL
+    term carries r_t with ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger-Kernel's
+    use_bias_correction_kl): its gradient is then kl_weight_t r_t (lp_t - ref_t).
     ``seq_coef_t`` adds a constant to dL/dlp_t with no value: the GAL gradient c_i of the token's sequence, whose
     value the caller computes from the sequence log-probs. ``group_gradient(rows, logps)`` adds to dL/dlp_t a term
     that depends on the log-probs of other tokens (GAL's c_i, from the current sequence log-probs of the tokens'
@@ -42,6 +45,7 @@ class TokenTerms:
     ref_logps: Optional[torch.Tensor] = None
     nll_weight: Optional[torch.Tensor] = None
     seq_coef: Optional[torch.Tensor] = None
+    kl_importance_weighted: bool = False
     group_gradient: Optional[Callable[[slice, torch.Tensor], torch.Tensor]] = None
     chunks: Optional[List[Tuple[int, int]]] = None
     eps_low: float = 0.2
@@ -71,9 +75,14 @@ class TokenTerms:
             log_ref_ratio = self.ref_logps[rows] - logps
             kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
             used = weight != 0
+            if self.kl_importance_weighted:
+                ratio = torch.ones_like(logps) if self.old_logps is None else torch.exp(logps - self.old_logps[rows])
+                gradient += torch.where(used, weight * ratio * -log_ref_ratio, 0.0)  # r kl + r (1 - e^(ref - lp))
+                kl = ratio * kl
+            else:
+                gradient += torch.where(used, weight * (1 - torch.exp(log_ref_ratio)), 0.0)
             value += torch.where(used, weight * kl, 0.0)
-            gradient += torch.where(used, weight * (1 - torch.exp(log_ref_ratio)), 0.0)
-            parts["kl"] = kl
+            parts["kl"] = kl  # the term as the loss has it (TRL and Liger-Kernel log the same)
         if self.nll_weight is not None:
             value -= self.nll_weight[rows] * logps
             gradient -= self.nll_weight[rows]
@@ -87,7 +96,8 @@ class TokenTerms:
 @dataclass
 class SweepResult:
     """What one sweep gives, per kept token (fp32 ``[N]``): lse, log-prob, entropy, the value L_t and the diagnostics
-    of TokenTerms.evaluate; and the fp32 gradients (hidden, weight, bias) of sum_t L_t (+ the seq_coef terms)."""
+    of TokenTerms.evaluate; and the fp32 gradients (hidden, weight, bias) of sum_t L_t (+ the seq_coef and
+    group_gradient terms)."""
 
     lse: torch.Tensor
     logps: torch.Tensor
@@ -220,6 +230,8 @@ def whole_group_chunks(tokens_per_group, capacity, free_tokens=0):
             chunks.append((token_start, token_stop, group_start, group_stop))
         token_start, group_start = token_stop, group_stop
 
+    if capacity < 1:
+        return None
     for group, count in enumerate(tokens_per_group):
         if count > capacity:
             return None

@@ -13,11 +13,13 @@ What changes against GRPOTrainer, and nothing else:
   ``per_device_train_batch_size`` must be a multiple of ``num_generations``;
 - the training loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs
   through its (wrapped) forward with ``output_hidden_states=True, logits_to_keep=1``, so no [batch, tokens, vocab]
-  logits are built. TRL's advantages, old and reference log-probs, ``beta``, ``epsilon``/``epsilon_high`` and
-  ``temperature`` are used as they are; ``loss_type`` grpo, bnpo, dr_grpo or dapo aggregates as ``dypo_loss`` does,
-  over each micro-batch (TRL's dapo normalises by the whole generation batch's tokens, its dr_grpo by
-  ``max_completion_length``). GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL
-  compares the policy's own sequence log-probs. Evaluation keeps TRL's own loss.
+  logits are built. TRL's advantages, old and reference log-probs, ``beta``, ``use_bias_correction_kl``,
+  ``epsilon``/``epsilon_high`` and ``temperature`` are used as they are; ``loss_type`` aggregates as TRL's does: grpo and bnpo over each
+  micro-batch, dr_grpo over each micro-batch's rows times ``max_completion_length``, dapo over the whole generation
+  batch of every process (``dypo_loss``'s ``batch_totals``: its tokens, and also its prompts, sequences and GAL
+  groups), so that the micro-batches of an accumulation window add up to its share of the generation batch's loss.
+  GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL compares the policy's own
+  sequence log-probs. Evaluation keeps TRL's own loss.
 Refused, because the fused loss would silently ignore them: FSDP and DeepSpeed ZeRO-3 (the lm_head weight is read
 outside the forward), vLLM's importance-sampling correction, tool masks, top_entropy_quantile < 1,
 off_policy_mask_threshold, delta, sequence-level importance sampling, entropy_coef, cast_lm_head_to_fp32, and models
@@ -28,11 +30,12 @@ whose logits are not lm_head(last hidden state). Text-only models; tested on CPU
 import random
 
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from dypo.policy import Runtime, check_head
-from dypo_kernels import Grade, Route, dypo_loss, group_advantages
+from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, group_advantages
 from dypo_kernels.sweep import LOSS_TYPES
 
 # GRPOConfig options the fused loss cannot honour, with the value that is safe
@@ -141,7 +144,16 @@ class DYPOTrainer(GRPOTrainer):
             batch = {name: value[order] if isinstance(value, torch.Tensor) and value.dim() > 0 and
                      value.size(0) == rows else value for name, value in batch.items()}
             self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._generation_totals = BatchTotals.combine(gather_object([self._batch_totals(batch)]))
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _batch_totals(self, inputs):
+        """dypo_loss's BatchTotals of a batch of whole groups, with dr_grpo's width TRL's max_completion_length (or
+        the widest teacher solution, if longer)."""
+        rows = inputs["completion_ids"].size(0)
+        totals = batch_totals(mask=inputs["completion_mask"].bool(), route=inputs["route"], rewards=inputs["rewards"],
+                              group_index=torch.arange(rows, device=inputs["route"].device) // self.num_generations)
+        return totals._replace(max_length=max(totals.max_length, self.max_completion_length))
 
     # the loss ---------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -159,6 +171,16 @@ class DYPOTrainer(GRPOTrainer):
         rows = completion_ids.size(0)
         k = self.num_generations
         alpha = 1.0 if self.state.global_step < self.switch_gate else self.alpha
+        # TRL divides each micro-batch's loss by the accumulation steps; its dapo instead divides the generation
+        # batch's tokens among the processes and the accumulation windows it spans, which the generation batch's
+        # totals, and this factor on its parts, reproduce (DDP averages the processes' gradients)
+        if self.loss_type == "dapo":
+            totals = self._generation_totals
+            scale = self.accelerator.num_processes * self.args.steps_per_generation / \
+                self.current_gradient_accumulation_steps
+        else:
+            totals = self._batch_totals(inputs) if self.loss_type == "dr_grpo" else None
+            scale = 1.0 / self.current_gradient_accumulation_steps
         loss, metrics = dypo_loss(
             hidden, head.weight.to(hidden.dtype), completion_ids, mask=inputs["completion_mask"].bool(),
             route=inputs["route"], rewards=inputs["rewards"],
@@ -167,12 +189,14 @@ class DYPOTrainer(GRPOTrainer):
             gamma=self.gamma, beta_gal=self.beta_gal, beta_kl=self.beta, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, loss_type=self.loss_type,
             bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
-            temperature=self.temperature, return_metrics=True)
+            temperature=self.temperature, use_bias_correction_kl=getattr(self.args, "use_bias_correction_kl", False),
+            batch_totals=totals, return_metrics=True)
         present = {"loss_sft": metrics["num_prompts_sft"] > 0, "loss_grpo": metrics["num_prompts_rl"] > 0,
                    "loss_gal": metrics.get("num_pairs", 0) > 0, "pair_accuracy": metrics.get("num_pairs", 0) > 0}
         for name in ("loss_sft", "loss_grpo", "loss_gal", "pair_accuracy", "clip_fraction_low", "clip_fraction_high",
                      "mean_kl"):
             if name in metrics and present.get(name, True):
-                self._metrics["train"][f"dypo/{name}"].append(float(metrics[name]))
-        # TRL's trainer does not divide by the accumulation steps (loss_is_scaled_for_ga): the loss must
-        return loss / self.current_gradient_accumulation_steps
+                # dapo's loss terms are this part's shares of the generation batch's: logged at its scale
+                share_scale = scale * self.current_gradient_accumulation_steps if name.startswith("loss_") else 1.0
+                self._metrics["train"][f"dypo/{name}"].append(float(metrics[name]) * share_scale)
+        return loss * scale

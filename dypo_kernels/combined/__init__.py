@@ -104,7 +104,8 @@ def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals
 
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
-              loss_type="grpo", bias=None, temperature=1.0, batch_totals=None, return_metrics=False):
+              loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, batch_totals=None,
+              return_metrics=False):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
@@ -126,7 +127,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         advantages: ``[B]`` (read on RL rows); None computes them over the RL rows with group_advantages.
         old_logps: ``[B, T]`` sampling-policy log-probs; None means on-policy. ref_logps: ``[B, T]`` reference's.
         alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
-        fused_grpo_loss; temperature > 0. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what
+        fused_grpo_loss; temperature > 0; use_bias_correction_kl: the KL term weighted by the ratio, as
+        fused_grpo_loss. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what
         lies outside the mask is not read.
         batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
@@ -169,7 +171,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     check_number("beta_kl", beta_kl, low=0)
     if not prompts_rl:
         beta_kl = 0.0  # the KL term sits on RL rows only: a batch without them needs no reference log-probs
-    check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl")
+    check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl",
+                        use_bias_correction_kl=use_bias_correction_kl)
     check_temperature(temperature)
     backend = select_backend(device)
 
@@ -219,6 +222,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     if ref_logps is not None:
         terms.ref_logps = torch.where(token_rl, ref_logps.detach().float().reshape(-1)[kept], 0.0)
         terms.kl_weight = beta_kl * terms.pg_weight
+        terms.kl_importance_weighted = use_bias_correction_kl
     rl_mask = mask[rl_rows].float()
     ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
     num_sweeps = 1

@@ -8,8 +8,10 @@ from dypo_kernels.validation import check_choice, check_number, check_per_sequen
     check_temperature, check_tensor
 
 
-def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta"):
+def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta", use_bias_correction_kl=False):
     check_number(beta_name, beta, low=0)
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
     check_number("eps_low", eps_low, low=0, high=1, high_open=True)
     check_number("eps_high", eps_high, low=0)
     check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -32,7 +34,7 @@ def policy_metrics(result, tokens=None):
 
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
-                    return_metrics=False):
+                    use_bias_correction_kl=False, return_metrics=False):
     """Clipped policy-gradient loss of GRPO (DYPO paper eq. 2-3; DAPO's clip-higher with ``eps_high``), never
     building the logits.
 
@@ -50,10 +52,13 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         old_logps: ``[B, T]`` log-probs of the policy that sampled; None means on-policy (ratio 1, detached).
         ref_logps: ``[B, T]`` reference-model log-probs, needed when ``beta`` > 0.
         beta: >= 0, weight of the k3 KL penalty. eps_low in [0, 1), eps_high >= 0: the clip range.
+        use_bias_correction_kl: multiply the KL term by r_t (differentiable), which makes its gradient the unbiased
+            reverse-KL gradient off-policy (DeepSeek-V3.2; TRL's option of that name, on by default there, and
+            Liger-Kernel's): per-token gradient beta r_t (lp_t - ref_t) instead of beta (1 - exp(ref_t - lp_t)).
         temperature: positive; the logits are divided by it.
         return_metrics: also return detached token means ``clip_fraction_low`` (r < 1 - eps_low with A < 0),
             ``clip_fraction_high`` (r > 1 + eps_high with A > 0), ``mean_ratio``, ``mean_entropy`` and, with ref_logps,
-            ``mean_kl``.
+            ``mean_kl`` (r_t-weighted with use_bias_correction_kl, as in the loss).
 
     Returns:
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
@@ -68,7 +73,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
     check_tensor("advantages", advantages)
     check_per_sequence(hidden.shape[0], hidden.device, advantages=advantages)
-    check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps)
+    check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, use_bias_correction_kl=use_bias_correction_kl)
     check_temperature(temperature)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
@@ -84,6 +89,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     if ref_logps is not None:  # the KL is reported even when beta = 0
         terms.ref_logps = ref_logps.detach().float().reshape(-1)[kept]
         terms.kl_weight = beta * weights
+        terms.kl_importance_weighted = use_bias_correction_kl
     outcome = {}
 
     def finish(result):

@@ -60,6 +60,21 @@ def test_matches_float64_reference(backend, gal_in_chunks, loss_type, old):
     assert (metrics["num_prompts_rl"], metrics["num_prompts_sft"]) == (2, 1)
 
 
+@pytest.mark.parametrize("old", ["none", "stale"])
+def test_bias_corrected_kl_matches_float64_reference(backend, old):
+    batch, kwargs = dypo_inputs(backend, old)
+    kwargs.update(use_bias_correction_kl=True, beta_kl=1.0)  # a KL term large enough for its correction to show
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss, metrics = dypo_loss(*args, return_metrics=True, **kwargs)
+    expected = reference.dypo_loss(*args, **kwargs)
+    expected_grads = gradients(expected, batch)
+    assert relative_error(loss, expected) < 1e-5
+    for name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), expected_grads):
+        assert relative_error(grad, ref) < 1e-5, name
+    uncorrected = reference.dypo_loss(*args, **{**kwargs, "use_bias_correction_kl": False})
+    assert relative_error(gradients(uncorrected, batch)[1], expected_grads[1]) > 1e-3  # the correction matters
+
+
 def test_low_precision_within_torch_own_error(backend, request):
     dtype = low_precision_dtype(request.node.backend_name)
     batch, kwargs = dypo_inputs(backend, "current", dtype=dtype)

@@ -7,7 +7,9 @@ from tests.conftest import HAS_CUDA, relative_error
 from tests.linear_logprobs.test_linear_logprobs import low_precision_dtype
 
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
-POLICIES = {"on_policy": dict(), "off_policy": dict(old=0.3), "off_policy_kl": dict(old=0.3, ref=0.2, beta=0.04)}
+POLICIES = {"on_policy": dict(), "off_policy": dict(old=0.3), "off_policy_kl": dict(old=0.3, ref=0.2, beta=0.04),
+            "off_policy_kl_corrected": dict(old=0.3, ref=0.2, beta=0.04, use_bias_correction_kl=True),
+            "on_policy_kl_corrected": dict(ref=0.2, beta=0.04, use_bias_correction_kl=True)}
 
 
 def grpo_inputs(device, policy, dtype=torch.float32, seed=0, temperature=0.7):
@@ -21,6 +23,8 @@ def grpo_inputs(device, policy, dtype=torch.float32, seed=0, temperature=0.7):
         kwargs["old_logps"] = nearby_logps(current, generator, policy["old"])
     if "ref" in policy:
         kwargs["ref_logps"] = nearby_logps(current, generator, policy["ref"])
+    if "use_bias_correction_kl" in policy:
+        kwargs["use_bias_correction_kl"] = policy["use_bias_correction_kl"]
     advantages = torch.randn(5, generator=generator).to(device)
     return batch, advantages, kwargs
 
@@ -75,14 +79,16 @@ def test_metrics_follow_their_definitions(backend):
 
 @pytest.mark.skipif(HAS_CUDA, reason="compares on CPU tensors")
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_matches_liger_kernel(loss_type):
+@pytest.mark.parametrize("policy", ["off_policy_kl", "off_policy_kl_corrected"])
+def test_matches_liger_kernel(loss_type, policy):
     """Same settings, same numbers as Liger-Kernel's chunked GRPO (its uncompiled path runs on CPU)."""
     pytest.importorskip("liger_kernel")
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    batch, advantages, kwargs = grpo_inputs("cpu", POLICIES["off_policy_kl"])
+    batch, advantages, kwargs = grpo_inputs("cpu", POLICIES[policy])
     liger = LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, epsilon_low=0.2, epsilon_high=0.28,
-                                     loss_type=loss_type, max_completion_length=9, temperature=kwargs["temperature"])
+                                     loss_type=loss_type, max_completion_length=9, temperature=kwargs["temperature"],
+                                     use_bias_correction_kl=kwargs.get("use_bias_correction_kl", False))
     liger_loss, liger_metrics = liger(batch["hidden"], batch["weight"], batch["targets"].clamp(min=0),
                                       batch["mask"].long(), advantages, bias=batch["bias"],
                                       ref_per_token_logps=kwargs["ref_logps"], old_per_token_logps=kwargs["old_logps"])

@@ -48,16 +48,48 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
               "completion_mask": completion_mask, "advantages": torch.tensor([0.8, -0.8, 0.8, -0.8]),
               "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "route": torch.full((4,), int(Route.RL)),
               "old_per_token_logps": -torch.rand(4, 5), "ref_per_token_logps": -torch.rand(4, 5)}
+    trainer._generation_totals = trainer._batch_totals(inputs)  # the batch is a whole generation batch
     loss = trainer._compute_loss(model, inputs)
     hidden = model.model(input_ids=torch.cat([prompt_ids, completion_ids], 1)).last_hidden_state[:, 2:-1]
     expected = dypo_loss(hidden, model.lm_head.weight, completion_ids, mask=completion_mask.bool(),
                          route=inputs["route"], rewards=inputs["rewards"], group_index=torch.zeros(4, dtype=torch.long),
                          advantages=inputs["advantages"], old_logps=inputs["old_per_token_logps"],
                          ref_logps=inputs["ref_per_token_logps"], alpha=0.5, beta_kl=0.04,
-                         loss_type=trainer.loss_type, eps_low=0.2, eps_high=0.2)
+                         loss_type=trainer.loss_type, eps_low=0.2, eps_high=0.2,
+                         use_bias_correction_kl=trainer.args.use_bias_correction_kl)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     trainer.current_gradient_accumulation_steps = 2  # TRL leaves the division by accumulation steps to the loss
     torch.testing.assert_close(trainer._compute_loss(model, inputs), expected / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, loss_type):
+    """All groups mid and alpha = 1: DYPO's loss is GRPO's, so each micro-batch's loss (and gradient) must be what
+    TRL's GRPOTrainer computes, normalisation included: dapo over the generation batch's tokens, divided among the
+    accumulation windows it spans; the others per micro-batch, divided by the accumulation steps."""
+    from trl import GRPOTrainer
+
+    model = trainer.model.train()
+    trainer.loss_type, trainer.alpha = loss_type, 1.0
+    trainer.args.steps_per_generation, trainer.current_gradient_accumulation_steps = 2, 2
+    torch.manual_seed(2)
+    rows, width = 8, trainer.max_completion_length - 1  # TRL's dr_grpo divides by max_completion_length, not the width
+    completion_mask = (torch.rand(rows, width) > 0.3).long()
+    completion_mask[:, 0] = 1
+    generation = {"prompt_ids": torch.randint(4, 20, (rows, 3)), "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+                  "completion_ids": torch.randint(4, 20, (rows, width)), "completion_mask": completion_mask,
+                  "advantages": torch.randn(rows), "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
+                  "route": torch.full((rows,), int(Route.RL)),
+                  "old_per_token_logps": -torch.rand(rows, width) - 1, "ref_per_token_logps": -torch.rand(rows, width) - 1}
+    trainer._generation_totals = trainer._batch_totals(generation)
+    for half in (slice(0, 4), slice(4, 8)):
+        inputs = {name: value[half] for name, value in generation.items()}
+        ours = trainer._compute_loss(model, inputs)
+        grads = torch.autograd.grad(ours, [model.lm_head.weight])
+        trls = GRPOTrainer._compute_loss(trainer, model, {**inputs, "num_items_in_batch": completion_mask.sum()})
+        expected_grads = torch.autograd.grad(trls, [model.lm_head.weight])
+        torch.testing.assert_close(ours, trls, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_draws_depend_on_seed_step_and_row_only(trainer):
