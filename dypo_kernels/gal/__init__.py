@@ -194,7 +194,7 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
                                             ignore_index=-1)
         seq_logps = sequence_logprobs(token_logps[rows], mask[rows], average_log_prob)
         loss, metrics = gal_loss(seq_logps, return_metrics=True, **used)
-        return (loss, {**metrics, "num_sweeps": 2}) if return_metrics else loss
+        return (loss, {**metrics, "num_sweeps": 2 if torch.is_grad_enabled() else 1}) if return_metrics else loss
 
     kept, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, rows)
     sequence = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lengths)  # position in rows

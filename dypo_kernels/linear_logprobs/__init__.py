@@ -40,6 +40,8 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
     lse, target_logit, entropy = forward_impl(hidden, weight, bias, targets, inv_temperature)
     logps = target_logit - lse
     grad_logp = flush_negligible(gradient_of_logps(slice(0, hidden.shape[0]), logps, entropy).float()).contiguous()
+    if not any(needs_input_grad):  # under torch.no_grad: the values only
+        return lse, logps, entropy, None, None, None
     grads = backward_impl(hidden, weight, bias, targets, lse, entropy, grad_logp, None, inv_temperature,
                           needs_input_grad=needs_input_grad)
     return (lse, logps, entropy, *grads)

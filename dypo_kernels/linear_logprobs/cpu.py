@@ -146,6 +146,9 @@ def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradie
             lse[rows], target_logit, entropy[rows], row_max = _vocab_forward_torch(z, targets_chunk)
         logps[rows] = target_logit - lse[rows]
         grad_logp = flush_negligible(gradient_of_logps(rows, logps[rows], entropy[rows]).float()).contiguous()
+        if not any(needs_input_grad):  # under torch.no_grad: the values only
+            del z
+            continue
         if ext:
             ext.vocab_backward_(z, targets_chunk, lse[rows], entropy[rows], grad_logp, None, inv_temperature)
             grad_z = z

@@ -70,6 +70,26 @@ def test_groups_without_pairs_are_not_projected(request, backend, expected_sweep
         assert sum(projected) == int(batch["mask"][:4].sum()) * expected_sweeps
 
 
+def test_ref_seq_logps_equals_ref_logps_summed(backend):
+    batch = sequence_batch(4, 6, 16, 50, device=backend)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).to(backend)
+    ref_logps = torch.randn(batch["targets"].shape, generator=batch["generator"]).to(backend)
+    common = (batch["hidden"], batch["weight"], batch["targets"], rewards)
+    by_token = fused_gal_loss(*common, group_size=2, mask=batch["mask"], ref_logps=ref_logps)
+    by_sequence = fused_gal_loss(*common, group_size=2, mask=batch["mask"],
+                                 ref_seq_logps=(ref_logps * batch["mask"]).sum(-1))
+    assert torch.allclose(by_token, by_sequence, rtol=1e-6, atol=1e-6)
+
+
+def test_no_pair_gives_zero_loss_with_zero_gradients(backend):
+    batch = sequence_batch(4, 5, 16, 40, device=backend)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0]).to(backend)  # groups of two with equal rewards: no pair
+    loss = fused_gal_loss(batch["hidden"], batch["weight"], batch["targets"], rewards, group_size=2,
+                          mask=batch["mask"], bias=batch["bias"])
+    assert loss.item() == 0.0
+    assert all(torch.all(g == 0) and torch.isfinite(g).all() for g in gradients(loss, batch))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(group_size=3), "group_size"),
     (dict(group_index=torch.tensor([0, 2, 2, 0])), "group_index"),
