@@ -94,6 +94,9 @@ class Config:
     gamma: float = option(1.0, "weight of the SFT term of hard prompts")
     beta_gal: float = option(1.0, "GAL sharpness beta_GAL")
     beta: float = option(0.0, "k3 KL to the reference model (beta_kl)")
+    use_bias_correction_kl: str = option("false", "the KL term weighted by the importance ratio (DeepSeek-V3.2's "
+                                                  "unbiased KL gradient; TRL's option, true by default there): "
+                                                  "true, false", switch=True)
     epsilon: float = option(0.2, "lower clip range")
     epsilon_high: float = option(0.2, "upper clip range")
     loss_type: str = option("grpo", "token aggregation: grpo, bnpo, dapo, dr_grpo")
@@ -108,7 +111,8 @@ def _check(config: Config, fail):
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
-               "use_liger_kernel": SWITCHES, "use_vllm": ("true", "false")}
+               "use_liger_kernel": SWITCHES, "use_vllm": ("true", "false"),
+               "use_bias_correction_kl": ("true", "false")}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")

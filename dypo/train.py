@@ -346,7 +346,8 @@ class Trainer:
             group_index=batch["group_index"], advantages=batch["advantages"], old_logps=batch["old_logps"],
             ref_logps=batch["ref_logps"], alpha=alpha, gamma=config.gamma, beta_gal=config.beta_gal,
             beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, loss_type=config.loss_type,
-            bias=bias, temperature=config.temperature, batch_totals=totals, return_metrics=True))
+            bias=bias, temperature=config.temperature, use_bias_correction_kl=config.use_bias_correction_kl == "true",
+            batch_totals=totals, return_metrics=True))
         return loss, metrics, int(batch["mask"].sum())
 
     def update(self, groups, step):

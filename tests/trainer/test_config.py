@@ -59,6 +59,7 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
     (["--no_such_option", "1"], "unrecognized arguments"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no run directory there"),
     (["--use_vllm", "auto"], "use_vllm must be one of true, false; got 'auto'"),
+    (["--use_bias_correction_kl", "yes"], "use_bias_correction_kl must be one of true, false; got 'yes'"),
     (["--vllm_gpu_memory_utilization", "0"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
     (["--vllm_gpu_memory_utilization", "1.5"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
     (["--vllm_max_model_length", "-1"], "vllm_max_model_length must be >= 0"),

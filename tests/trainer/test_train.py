@@ -137,6 +137,19 @@ def test_queues_fire_in_arrival_order_and_survive_a_round_trip():
     assert [g.step for g in restored.pop_batch(3)] == [0, 1, 2] and len(restored) == 1
 
 
+@pytest.mark.parametrize("corrected", ["true", "false"])
+def test_loss_options_reach_dypo_loss(tmp_path, monkeypatch, corrected):
+    import dypo.train
+
+    seen = []
+    real = dypo.train.dypo_loss
+    monkeypatch.setattr(dypo.train, "dypo_loss", lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    main(["--max_steps", "2", "--eval_prompts", "2", "--beta", "0.1", "--loss_type", "dapo", "--epsilon_high", "0.28",
+          "--use_bias_correction_kl", corrected, "--output_dir", str(tmp_path / "run")])
+    assert seen and all(kwargs["use_bias_correction_kl"] == (corrected == "true") and kwargs["beta_kl"] == 0.1 and
+                        kwargs["loss_type"] == "dapo" and kwargs["eps_high"] == 0.28 for kwargs in seen)
+
+
 def test_a_short_run_writes_its_run_directory(tmp_path):
     summary = main(["--max_steps", "4", "--logging_steps", "2", "--sample_steps", "2", "--save_steps", "2",
                     "--eval_prompts", "4", "--output_dir", str(tmp_path / "run")])
