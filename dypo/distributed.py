@@ -13,13 +13,15 @@ import torch.distributed as dist
 
 # How the metrics of a step's parts (micro-batches, updates, ranks) merge: counts add up, step time and memory take
 # the largest, what every part shares is kept, a part's loss terms are weighted by the prompts (or pairs) they
-# cover, the rest is averaged.
-SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs")
+# cover and its token means by its RL tokens (so they are the whole step's token means), the rest is averaged.
+SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs",
+          "num_tokens_rl")
 LARGEST = ("step_seconds", "peak_memory_mb")
 SHARED = ("step", "updates", "queued_prompts")
-WEIGHTED = {"loss_sft": "num_prompts_sft", "pair_accuracy": "num_pairs", "mean_margin": "num_pairs",
-            **{name: "num_prompts_rl" for name in ("loss_grpo", "loss_gal", "mean_ratio", "mean_entropy", "mean_kl",
-                                                   "clip_fraction_low", "clip_fraction_high")}}
+WEIGHTED = {"loss_sft": "num_prompts_sft", "loss_grpo": "num_prompts_rl", "loss_gal": "num_prompts_rl",
+            "pair_accuracy": "num_pairs", "mean_margin": "num_pairs",
+            **{name: "num_tokens_rl" for name in ("mean_ratio", "mean_entropy", "mean_kl", "clip_fraction_low",
+                                                  "clip_fraction_high")}}
 
 
 def merge_metrics(parts):

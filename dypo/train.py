@@ -41,7 +41,7 @@ from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fus
 SUMMED_LOSS_TERMS = ("loss_sft", "loss_grpo", "loss_gal")  # with batch_totals, each part holds its share
 UPDATE_METRICS = ("loss", "loss_sft", "loss_grpo", "loss_gal", "clip_fraction_low", "clip_fraction_high",
                   "mean_ratio", "mean_kl", "pair_accuracy", "num_pairs", "num_prompts_sft", "num_prompts_rl",
-                  "grad_norm", "learning_rate", "train_tokens")
+                  "num_tokens_rl", "grad_norm", "learning_rate", "train_tokens")
 
 
 @dataclasses.dataclass

@@ -136,7 +136,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
             batch's, for every loss_type. None: this batch is the whole.
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts; with
             ``batch_totals``, this part's shares of the whole batch's),
-            ``num_prompts_sft``, ``num_prompts_rl``, ``num_sweeps``, fused_grpo_loss's token metrics over the RL
+            ``num_prompts_sft``, ``num_prompts_rl``, ``num_tokens_rl``, ``num_sweeps``, fused_grpo_loss's token
+            metrics over the RL
             tokens and gal_loss's pair metrics.
 
     Returns:
@@ -304,6 +305,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     metrics = {"loss_sft": -torch.where(token_sft, sft_weights * result.logps, 0.0).sum(),
                "loss_grpo": torch.where(token_rl, rl_weights * policy_loss, 0.0).sum(),
                "loss_gal": outcome.get("loss_gal", torch.zeros((), device=device)),
-               "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_sweeps": num_sweeps,
+               "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_tokens_rl": token_rl.sum(),
+               "num_sweeps": num_sweeps,
                **policy_metrics(result, tokens=token_rl), **outcome.get("gal_metrics", {})}
     return loss, metrics

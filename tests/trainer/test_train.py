@@ -111,7 +111,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, beta, lo
     assert whole_metrics["updates"] == parts_metrics["updates"] == 1
     for name in ("loss", "loss_sft", "loss_grpo", "loss_gal", "mean_ratio", "pair_accuracy", "entropy"):
         assert parts_metrics[name] == pytest.approx(whole_metrics[name], rel=1e-5, abs=1e-7), name
-    for name in ("num_prompts_sft", "num_prompts_rl", "num_pairs", "train_tokens"):
+    for name in ("num_prompts_sft", "num_prompts_rl", "num_pairs", "num_tokens_rl", "train_tokens"):
         assert parts_metrics[name] == whole_metrics[name], name
     for a, b in zip(whole.model.parameters(), parts.model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
