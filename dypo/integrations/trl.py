@@ -38,6 +38,9 @@ from dypo.policy import Runtime, check_head
 from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, group_advantages
 from dypo_kernels.sweep import LOSS_TYPES
 
+# the per-token tensors of a micro-batch, [rows, completion width]
+COMPLETION_COLUMNS = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
+                      "sampling_per_token_logps")
 # GRPOConfig options the fused loss cannot honour, with the value that is safe
 UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "delta": None,
                "importance_sampling_level": "token", "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
@@ -123,8 +126,7 @@ class DYPOTrainer(GRPOTrainer):
     def _put_teacher_solutions(output, teacher_rows):
         """Write the teacher solutions over their rows' completions (widening the completion tensors if needed)."""
         width = max(output["completion_ids"].size(1), max(map(len, teacher_rows.values())))
-        for name in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
-                     "sampling_per_token_logps"):
+        for name in COMPLETION_COLUMNS:
             if output.get(name) is not None and output[name].size(1) < width:
                 output[name] = torch.nn.functional.pad(output[name], (0, width - output[name].size(1)))
         for row, ids in teacher_rows.items():
@@ -149,7 +151,7 @@ class DYPOTrainer(GRPOTrainer):
 
     def _batch_totals(self, inputs):
         """dypo_loss's BatchTotals of a batch of whole groups, with dr_grpo's width TRL's max_completion_length (or
-        the widest teacher solution, if longer)."""
+        the batch's width, where a teacher solution is longer)."""
         rows = inputs["completion_ids"].size(0)
         totals = batch_totals(mask=inputs["completion_mask"].bool(), route=inputs["route"], rewards=inputs["rewards"],
                               group_index=torch.arange(rows, device=inputs["route"].device) // self.num_generations)
@@ -161,6 +163,7 @@ class DYPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         if "tool_mask" in inputs:
             raise ValueError("DYPOTrainer does not support tool masks (tool-output tokens would be trained)")
+        inputs = _without_trailing_padding(inputs)  # a long teacher solution elsewhere widened every row
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -191,12 +194,36 @@ class DYPOTrainer(GRPOTrainer):
             bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
             temperature=self.temperature, use_bias_correction_kl=getattr(self.args, "use_bias_correction_kl", False),
             batch_totals=totals, return_metrics=True)
-        present = {"loss_sft": metrics["num_prompts_sft"] > 0, "loss_grpo": metrics["num_prompts_rl"] > 0,
-                   "loss_gal": metrics.get("num_pairs", 0) > 0, "pair_accuracy": metrics.get("num_pairs", 0) > 0}
-        for name in ("loss_sft", "loss_grpo", "loss_gal", "pair_accuracy", "clip_fraction_low", "clip_fraction_high",
-                     "mean_kl"):
-            if name in metrics and present.get(name, True):
-                # dapo's loss terms are this part's shares of the generation batch's: logged at its scale
-                share_scale = scale * self.current_gradient_accumulation_steps if name.startswith("loss_") else 1.0
-                self._metrics["train"][f"dypo/{name}"].append(float(metrics[name]) * share_scale)
+        self._log_loss_metrics(metrics)
         return loss * scale
+
+    def _log_loss_metrics(self, metrics):
+        """The loss terms and diagnostics of one micro-batch. Under dapo a micro-batch's loss terms are its shares of
+        the generation batch's: every process's shares are summed, so that the mean over the generation batch's
+        micro-batches is the generation batch's term. Otherwise, as TRL logs: each micro-batch's own value, where
+        it has the term (RL prompts for the token means, pairs for GAL)."""
+        train = self._metrics["train"]
+        terms = ("loss_sft", "loss_grpo", "loss_gal")
+        if self.loss_type == "dapo":
+            shares = torch.tensor([float(metrics[name]) for name in terms], device=self.accelerator.device)
+            for name, total in zip(terms, self.accelerator.gather(shares).view(-1, len(terms)).sum(0).tolist()):
+                train[f"dypo/{name}"].append(total * self.args.steps_per_generation)
+            terms = ()
+        has_rl, has_pairs = metrics["num_tokens_rl"] > 0, metrics.get("num_pairs", 0) > 0
+        present = {"loss_sft": metrics["num_prompts_sft"] > 0, "loss_grpo": has_rl, "loss_gal": has_pairs,
+                   "pair_accuracy": has_pairs, "clip_fraction_low": has_rl, "clip_fraction_high": has_rl,
+                   "mean_kl": has_rl}
+        for name in (*terms, "pair_accuracy", "clip_fraction_low", "clip_fraction_high", "mean_kl"):
+            if name in metrics and present[name]:
+                train[f"dypo/{name}"].append(float(metrics[name]))
+
+
+def _without_trailing_padding(inputs):
+    """The micro-batch with its completion columns past the last response token of any of its rows removed."""
+    mask = inputs["completion_mask"]
+    used = mask.any(0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    if width == mask.size(1):
+        return inputs
+    return {name: value[:, :width] if name in COMPLETION_COLUMNS and value is not None else value
+            for name, value in inputs.items()}

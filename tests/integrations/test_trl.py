@@ -66,21 +66,29 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
 def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, loss_type):
     """All groups mid and alpha = 1: DYPO's loss is GRPO's, so each micro-batch's loss (and gradient) must be what
     TRL's GRPOTrainer computes, normalisation included: dapo over the generation batch's tokens, divided among the
-    accumulation windows it spans; the others per micro-batch, divided by the accumulation steps."""
+    accumulation windows it spans; the others per micro-batch, divided by the accumulation steps; dr_grpo by
+    max_completion_length even where a long teacher solution of another micro-batch widened the completions."""
     from trl import GRPOTrainer
 
     model = trainer.model.train()
     trainer.loss_type, trainer.alpha = loss_type, 1.0
     trainer.args.steps_per_generation, trainer.current_gradient_accumulation_steps = 2, 2
+    trainer._metrics["train"].clear()
     torch.manual_seed(2)
-    rows, width = 8, trainer.max_completion_length - 1  # TRL's dr_grpo divides by max_completion_length, not the width
+    rows, width, widened = 8, trainer.max_completion_length - 1, 10
     completion_mask = (torch.rand(rows, width) > 0.3).long()
     completion_mask[:, 0] = 1
+
+    def columns(values):  # widened with padding, as _put_teacher_solutions widens a generation batch
+        return torch.nn.functional.pad(values, (0, widened - width))
+
     generation = {"prompt_ids": torch.randint(4, 20, (rows, 3)), "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
-                  "completion_ids": torch.randint(4, 20, (rows, width)), "completion_mask": completion_mask,
-                  "advantages": torch.randn(rows), "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
+                  "completion_ids": columns(torch.randint(4, 20, (rows, width))),
+                  "completion_mask": columns(completion_mask), "advantages": torch.randn(rows),
+                  "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
                   "route": torch.full((rows,), int(Route.RL)),
-                  "old_per_token_logps": -torch.rand(rows, width) - 1, "ref_per_token_logps": -torch.rand(rows, width) - 1}
+                  "old_per_token_logps": columns(-torch.rand(rows, width) - 1),
+                  "ref_per_token_logps": columns(-torch.rand(rows, width) - 1)}
     trainer._generation_totals = trainer._batch_totals(generation)
     for half in (slice(0, 4), slice(4, 8)):
         inputs = {name: value[half] for name, value in generation.items()}
@@ -90,6 +98,41 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
         expected_grads = torch.autograd.grad(trls, [model.lm_head.weight])
         torch.testing.assert_close(ours, trls, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
+    if loss_type == "dapo":  # the logged term, averaged over the micro-batches, is the generation batch's
+        hidden = model.model(input_ids=torch.cat([generation["prompt_ids"], generation["completion_ids"]], 1),
+                             attention_mask=torch.cat([generation["prompt_mask"], generation["completion_mask"]], 1)
+                             ).last_hidden_state[:, 2:-1]
+        _, whole = dypo_loss(hidden, model.lm_head.weight, generation["completion_ids"],
+                             mask=generation["completion_mask"].bool(), route=generation["route"],
+                             rewards=generation["rewards"], group_index=torch.arange(rows) // 4,
+                             advantages=generation["advantages"], old_logps=generation["old_per_token_logps"],
+                             ref_logps=generation["ref_per_token_logps"], alpha=1.0, beta_kl=0.04, loss_type="dapo",
+                             use_bias_correction_kl=True, return_metrics=True)
+        logged = trainer._metrics["train"]["dypo/loss_grpo"]
+        assert sum(logged) / len(logged) == pytest.approx(float(whole["loss_grpo"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_logged_loss_terms_are_the_generation_batchs(trainer, loss_type):
+    """Two micro-batches of one generation batch, the first with RL rows only, the second with SFT rows only. Under
+    dapo each holds its share of the generation batch's terms, and the mean of the logged values must be the sum of
+    the shares; otherwise each logs its own value where it has the term. Token means come from RL rows only."""
+    trainer.loss_type, trainer.args.steps_per_generation = loss_type, 2
+    trainer._metrics["train"].clear()
+    zero = torch.tensor(0.0)
+    trainer._log_loss_metrics({"loss_sft": zero, "loss_grpo": torch.tensor(0.3), "loss_gal": torch.tensor(0.1),
+                               "num_prompts_sft": 0, "num_prompts_rl": 1, "num_tokens_rl": torch.tensor(7),
+                               "num_pairs": torch.tensor(4), "pair_accuracy": torch.tensor(0.5),
+                               "mean_kl": torch.tensor(0.02), "clip_fraction_low": torch.tensor(0.1),
+                               "clip_fraction_high": torch.tensor(0.0)})
+    trainer._log_loss_metrics({"loss_sft": torch.tensor(0.2), "loss_grpo": zero, "loss_gal": zero,
+                               "num_prompts_sft": 1, "num_prompts_rl": 0, "num_tokens_rl": torch.tensor(0),
+                               "num_pairs": torch.tensor(0), "pair_accuracy": zero, "mean_kl": zero,
+                               "clip_fraction_low": zero, "clip_fraction_high": zero})
+    logged = {name.split("/")[1]: sum(values) / len(values) for name, values in trainer._metrics["train"].items()}
+    assert logged["loss_grpo"] == pytest.approx(0.3) and logged["loss_sft"] == pytest.approx(0.2)
+    assert logged["loss_gal"] == pytest.approx(0.1) and logged["pair_accuracy"] == pytest.approx(0.5)
+    assert logged["mean_kl"] == pytest.approx(0.02) and logged["clip_fraction_low"] == pytest.approx(0.1)
 
 
 def test_teacher_draws_depend_on_seed_step_and_row_only(trainer):
