@@ -147,7 +147,7 @@ def _pretrained(directory, attention):
 def check_head(model, directory, runtime):
     """The fused losses compute lm_head(last hidden state); refuse models whose logits are anything else (soft
     capping, logit scaling, multipliers), checked on a few tokens."""
-    ids = torch.arange(8, device=runtime.device).remainder(model.config.vocab_size).unsqueeze(0)
+    ids = torch.arange(8, device=next(model.parameters()).device).remainder(model.config.vocab_size).unsqueeze(0)
     weight, bias = lm_head(model)
     with runtime.autocast():
         logits = model(input_ids=ids, use_cache=False).logits.float()
@@ -177,8 +177,9 @@ def _apply_liger(model, runtime, config):
     return True
 
 
-def load_policy(config, device=None):
-    """(model on its device, Codec, Runtime) for the config's --model, or the embedded tiny model."""
+def load_policy(config, device=None, on_device=True):
+    """(model, Codec, Runtime) for the config's --model, or the embedded tiny model; the model on the runtime's
+    device, or with ``on_device=False`` still in host memory (FSDP2's fully_shard moves each unit it shards)."""
     runtime = resolve_runtime(config, device)
     if config.model:
         model, codec = _pretrained(config.model, runtime.attn_implementation)
@@ -186,7 +187,8 @@ def load_policy(config, device=None):
         codec = CharCodec()
         model = _tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
     runtime.liger = _apply_liger(model, runtime, config)
-    model.to(runtime.device)
+    if on_device:
+        model.to(runtime.device)
     if config.model:
         check_head(model, config.model, runtime)
     return model, codec, runtime

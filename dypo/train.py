@@ -240,7 +240,10 @@ class Trainer:
         self.reward_function = reward_function or load_reward(config.reward)
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)  # data order and teacher choices: the same on every rank
-        self.model, self.codec, self.runtime = policy.load_policy(config, self.world.device)
+        # under torchrun the policy and its reference stay in host memory until sharded: fully_shard moves one
+        # layer at a time to the GPU, which never holds either whole before training
+        self.model, self.codec, self.runtime = policy.load_policy(config, self.world.device,
+                                                                  on_device=not self.world.distributed)
         self.model.eval()  # no dropout, in rollouts and updates alike (TRL's disable_dropout): ratios start at 1
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy = policy.FusedHead(self.model, self.runtime)
