@@ -21,9 +21,9 @@ def _kernels(backend):
 
 def forward_and_gradients(hidden, weight, bias, targets, inv_temperature, gradient_of_logps, *, needs_input_grad,
                           backend, chunks=None):
-    """The sweep of the token-separable losses: (lse, logps, entropy) of every row and, in the same call, the fp32
-    gradients of sum_t L_t(lp_t) where ``gradient_of_logps(rows, logps, entropy)`` gives g_t = dL_t/dlp_t for a slice
-    of rows once their log-probs are known.
+    """The sweep of the losses: (lse, logps, entropy) of every row and, in the same call, the fp32 gradients of
+    sum_t L_t(lp) where ``gradient_of_logps(rows, logps, entropy)`` gives g_t = dL/dlp_t for a slice of rows once
+    their log-probs are known (a chunk of ``chunks``, or all rows). No gradient work when none is needed.
 
     CPU: one sweep of chunked logits, 6NDV FLOP (cpu.forward_and_gradients). Triton: the forward kernel (2NDV), then
     the backward kernel with g as the log-prob gradient (6NDV, the tiles recomputed in registers): 8NDV, with no

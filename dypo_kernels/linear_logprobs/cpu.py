@@ -1,4 +1,4 @@
-"""CPU path of fused_linear_logprobs and of the single sweep of the token-separable losses: chunks of rows, each
+"""CPU path of fused_linear_logprobs and of the single sweep of the losses: chunks of rows, each
 chunk's logits [rows, V] made by one matrix product, reduced by the C++ vocabulary pass (backend "cpp") or by plain
 torch ops (backend "torch"), then freed.
 
