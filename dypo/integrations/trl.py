@@ -14,10 +14,11 @@ What changes against GRPOTrainer, and nothing else:
 - the training loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs
   through its (wrapped) forward with ``output_hidden_states=True, logits_to_keep=1``, so no [batch, tokens, vocab]
   logits are built. TRL's advantages, old and reference log-probs, ``beta``, ``use_bias_correction_kl``,
-  ``epsilon``/``epsilon_high`` and ``temperature`` are used as they are; ``loss_type`` aggregates as TRL's does: grpo and bnpo over each
-  micro-batch, dr_grpo over each micro-batch's rows times ``max_completion_length``, dapo over the whole generation
-  batch of every process (``dypo_loss``'s ``batch_totals``: its tokens, and also its prompts, sequences and GAL
-  groups), so that the micro-batches of an accumulation window add up to its share of the generation batch's loss.
+  ``epsilon``/``epsilon_high`` and ``temperature`` are used as they are; ``loss_type`` aggregates as TRL's does:
+  grpo and bnpo over each micro-batch, dr_grpo over each micro-batch's rows times ``max_completion_length``, dapo
+  over the whole generation batch of every process (``dypo_loss``'s ``batch_totals``: its tokens, and also its
+  prompts, sequences and GAL groups), so that the micro-batches of an accumulation window add up to its share of
+  the generation batch's loss.
   GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL compares the policy's own
   sequence log-probs. Evaluation keeps TRL's own loss.
 Refused, because the fused loss would silently ignore them: FSDP and DeepSpeed ZeRO-3 (the lm_head weight is read

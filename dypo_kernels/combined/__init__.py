@@ -6,7 +6,7 @@ import torch
 
 from dypo_kernels.advantages import group_advantages
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal import gal_coefficients, gal_loss, groups_with_pairs, sequence_logprobs
+from dypo_kernels.gal import chunked_gal_gradient, gal_coefficients, gal_loss, groups_with_pairs, sequence_logprobs
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
@@ -128,8 +128,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         old_logps: ``[B, T]`` sampling-policy log-probs; None means on-policy. ref_logps: ``[B, T]`` reference's.
         alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
         fused_grpo_loss; temperature > 0; use_bias_correction_kl: the KL term weighted by the ratio, as
-        fused_grpo_loss. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what
-        lies outside the mask is not read.
+        fused_grpo_loss. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies outside the
+        mask is not read.
         batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
             dr_grpo's width, GAL's groups), so the parts' losses, gradients and loss_* metrics add up to the whole
@@ -137,8 +137,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts; with
             ``batch_totals``, this part's shares of the whole batch's),
             ``num_prompts_sft``, ``num_prompts_rl``, ``num_tokens_rl``, ``num_sweeps``, fused_grpo_loss's token
-            metrics over the RL
-            tokens and gal_loss's pair metrics.
+            metrics over the RL tokens and gal_loss's pair metrics.
 
     Returns:
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
@@ -239,28 +238,9 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
 
     if chunks is not None:
         terms.chunks = [chunk[:2] for chunk in chunks]
-        pair_groups = groups_with_pairs(rl_rewards, rl_group)
-        first_row = [0] + torch.bincount(rl_group, minlength=num_rl_groups).cumsum(0).tolist()
-        rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
-        rows_of_chunk[(0, kept.shape[0])] = (0, rl_rows.shape[0])  # Triton's single call covers every row
-
-        def group_gradient(tokens, logps):
-            """gal_scale c_i on the RL tokens of ``tokens``, c_i from their own sequence log-probs."""
-            gradient = torch.zeros_like(logps)
-            first, last = rows_of_chunk[(tokens.start, tokens.stop)]
-            if first == last:
-                return gradient
-            in_rl = token_rl[tokens]
-            rank = rl_rank[sequence[tokens][in_rl]] - first
-            chunk_seq_logps = torch.zeros(last - first, device=device).index_add_(0, rank, logps[in_rl])
-            chunk_coefficients = gal_coefficients(
-                chunk_seq_logps, rl_rewards[first:last], group_index=rl_group[first:last] - rl_group[first],
-                ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps[first:last], beta=beta_gal,
-                pair_groups=pair_groups)
-            gradient[in_rl] = gal_scale * chunk_coefficients[rank]
-            return gradient
-
-        terms.group_gradient = group_gradient
+        terms.group_gradient = chunked_gal_gradient(
+            chunks, torch.where(token_rl, rl_rank[sequence], -1), rl_group, rl_rewards, ref_seq_logps=ref_seq_logps,
+            beta=beta_gal, pair_groups=groups_with_pairs(rl_rewards, rl_group), scale=gal_scale)
     elif with_gal_gradient:
         if old_logps is not None:
             used_seq_logps = sequence_logprobs(old_logps.detach()[rl_rows], rl_mask, False)

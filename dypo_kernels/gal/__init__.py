@@ -131,6 +131,41 @@ def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None,
         return coefficients
 
 
+def chunked_gal_gradient(chunks, token_row, group, rewards, *, ref_seq_logps=None, beta=1.0, pair_groups,
+                         scale=1.0, divisor=None, seq_logps=None):
+    """TokenTerms.group_gradient of GAL, for S sequences ordered group by group: ``group`` ``[S]`` their group ids
+    0..G-1 (non-decreasing), ``token_row`` ``[N]`` each kept token's sequence 0..S-1 (-1: a token outside GAL),
+    ``chunks`` from whole_group_chunks over the N tokens. For the tokens of a chunk (or of all rows, Triton's call):
+    scale * c_i / divisor_i, with c_i (gal_coefficients, over the whole batch's ``pair_groups``) from the chunk's own
+    S_i = (sum of the tokens' log-probs) / divisor_i, which also go into ``seq_logps`` when given."""
+    num_rows = group.shape[0]
+    divisor = torch.ones(num_rows, device=group.device) if divisor is None else divisor
+    first_row = [0] + torch.bincount(group).cumsum(0).tolist()
+    rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
+    rows_of_chunk[(0, token_row.shape[0])] = (0, num_rows)
+
+    def group_gradient(tokens, logps):
+        gradient = torch.zeros_like(logps)
+        first, last = rows_of_chunk[(tokens.start, tokens.stop)]
+        if first == last:  # a chunk of tokens outside GAL only
+            return gradient
+        row = token_row[tokens]
+        inside = row >= 0
+        row = row[inside] - first
+        chunk_seq_logps = torch.zeros(last - first, device=logps.device).index_add_(0, row, logps[inside]) / \
+            divisor[first:last]
+        if seq_logps is not None:
+            seq_logps[first:last] = chunk_seq_logps
+        coefficients = gal_coefficients(
+            chunk_seq_logps, rewards[first:last], group_index=group[first:last] - group[first],
+            ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps[first:last], beta=beta,
+            pair_groups=pair_groups)
+        gradient[inside] = (scale * coefficients / divisor[first:last])[row]
+        return gradient
+
+    return group_gradient
+
+
 def sequence_logprobs(token_logps, mask, average):
     """S_i: the sum (or, with ``average``, the mean) of token log-probs ``[B, T]`` over ``mask``; what lies outside
     the mask (padding, possibly NaN) is not read."""
@@ -189,34 +224,21 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     chunks = whole_group_chunks(tokens_per_group, chunk_capacity(backend, weight.shape[0]))
 
     if chunks is None:  # the log-probs of every row, then gal_loss's gradient through them
-        used_targets = targets.masked_fill(~mask, -1).index_fill(0, _complement(rows, hidden.shape[0]), -1)
+        in_pair_group = torch.zeros(hidden.shape[0], dtype=torch.bool, device=device).index_fill_(0, rows, True)
+        used_targets = targets.masked_fill(~(mask & in_pair_group[:, None]), -1)
         token_logps = fused_linear_logprobs(hidden, weight, used_targets, bias=bias, temperature=temperature,
                                             ignore_index=-1)
         seq_logps = sequence_logprobs(token_logps[rows], mask[rows], average_log_prob)
         loss, metrics = gal_loss(seq_logps, return_metrics=True, **used)
         return (loss, {**metrics, "num_sweeps": 2 if torch.is_grad_enabled() else 1}) if return_metrics else loss
 
-    kept, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, rows)
-    sequence = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lengths)  # position in rows
-    divisor = lengths.clamp(min=1).float() if average_log_prob else torch.ones(rows.shape[0], device=device)
+    _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, rows)
+    token_row = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lengths)  # position in rows
     seq_logps = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
-    first_row = [0] + torch.bincount(pair_group, minlength=num_pair_groups).cumsum(0).tolist()
-    rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
-    rows_of_chunk[(0, kept.shape[0])] = (0, rows.shape[0])  # Triton's single call covers every row
-
-    def group_gradient(tokens, logps):
-        first, last = rows_of_chunk[(tokens.start, tokens.stop)]
-        if first == last:  # no pair in the batch
-            return torch.zeros_like(logps)
-        row = sequence[tokens] - first
-        seq_logps[first:last] = torch.zeros(last - first, device=device).index_add_(0, row, logps) / \
-            divisor[first:last]
-        coefficients = gal_coefficients(
-            seq_logps[first:last], used["rewards"][first:last], group_index=pair_group[first:last] - pair_group[first],
-            ref_seq_logps=None if used["ref_seq_logps"] is None else used["ref_seq_logps"][first:last], beta=beta,
-            pair_groups=num_pair_groups)
-        return (coefficients / divisor[first:last])[row]
-
+    group_gradient = chunked_gal_gradient(
+        chunks, token_row, pair_group, used["rewards"], ref_seq_logps=used["ref_seq_logps"], beta=beta,
+        pair_groups=num_pair_groups, divisor=lengths.clamp(min=1).float() if average_log_prob else None,
+        seq_logps=seq_logps)
     terms = TokenTerms(group_gradient=group_gradient, chunks=[chunk[:2] for chunk in chunks])
     outcome = {}
 
@@ -227,9 +249,3 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
     return (loss, {**outcome["metrics"], "num_sweeps": 1}) if return_metrics else loss
 
-
-def _complement(rows, size):
-    """The indices 0..size-1 that are not in ``rows``."""
-    keep = torch.ones(size, dtype=torch.bool, device=rows.device)
-    keep[rows] = False
-    return keep.nonzero().squeeze(1)
