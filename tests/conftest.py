@@ -40,8 +40,7 @@ def backend(request, monkeypatch):
     if request.param == "triton" and not HAS_CUDA:
         from dypo_kernels.linear_logprobs import triton_kernels
 
-        monkeypatch.setattr(triton_kernels, "FORWARD_CONFIG", {**triton_kernels.FORWARD_CONFIG, **INTERPRETER_TILES})
-        monkeypatch.setattr(triton_kernels, "BACKWARD_CONFIG", {**triton_kernels.BACKWARD_CONFIG, **INTERPRETER_TILES})
+        monkeypatch.setattr(triton_kernels, "TILE_OVERRIDE", INTERPRETER_TILES)
     request.node.backend_name = request.param
     return torch.device("cuda" if request.param == "triton" and HAS_CUDA else "cpu")
 

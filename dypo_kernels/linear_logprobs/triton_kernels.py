@@ -15,8 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-FORWARD_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-BACKWARD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+# Tiles by (kernel, input width, GPU generation: 90 for Hopper and newer, 80 for Ampere/Ada): the largest that
+# compile without register spills in their loops for that target on Triton 3.2, 3.6 and 3.9 (python -m
+# dypo_kernels.aot checks each with the installed Triton).
+# Not yet timed on a GPU: the GPU report (benchmarks/report.py) is where to compare them.
+CONFIGS = {
+    ("forward", "16-bit", 90): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("forward", "16-bit", 80): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    # 64 rows x 8 warps crashes Triton 3.2's compiler on sm_90 (a LinearLayout assertion), hence 128 x 64 there
+    ("backward", "16-bit", 90): dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("backward", "16-bit", 80): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("forward", "fp32", 90): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3),
+    ("forward", "fp32", 80): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3),
+    ("backward", "fp32", 90): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    ("backward", "fp32", 80): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+}
+TILE_OVERRIDE = {}  # tests in Triton's interpreter set small tiles here
 TARGET_PROGRAMS = 1024  # enough (rows block, vocab split) programs to fill an H100/H200 a few times over
 MAX_SPLITS = 64
 
@@ -50,20 +64,22 @@ def _logprobs_fwd_kernel(p_h, p_w, p_b, p_targets, p_max, p_sum_exp, p_sum_exp_s
     i_s = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    b_targets = tl.load(p_targets + o_n, mask=m_n, other=-1)
+    # int32 (V < 2^31), compared with the tile's local columns: an int64 [BLOCK_N, BLOCK_V] comparison alone
+    # took more registers than the logit tile and made the kernel spill
+    b_targets = tl.load(p_targets + o_n, mask=m_n, other=-1).to(tl.int32)
     b_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     b_sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_sum_exp_shifted = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of e * (z - b_max)
     b_target_logit = tl.zeros([BLOCK_N], dtype=tl.float32)
-    has_target = tl.zeros([BLOCK_N], dtype=tl.int1)
+    split_start = i_s * tiles_per_split * BLOCK_V
     for i_t in range(0, tiles_per_split):
-        o_v = (i_s * tiles_per_split + i_t) * BLOCK_V + tl.arange(0, BLOCK_V)
+        tile_start = split_start + i_t * BLOCK_V
+        o_v = tile_start + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_z = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, inv_temperature,
                           HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        is_target = o_v[None, :] == b_targets[:, None]
+        is_target = tl.arange(0, BLOCK_V)[None, :] == (b_targets - tile_start)[:, None]
         b_target_logit += tl.sum(tl.where(is_target, b_z, 0.0), axis=1)
-        has_target = has_target | (tl.sum(is_target.to(tl.int32), axis=1) > 0)
         new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
         # rows whose split holds only -inf so far keep a finite reference point, so no -inf - -inf appears
         ref = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -79,6 +95,7 @@ def _logprobs_fwd_kernel(p_h, p_w, p_b, p_targets, p_max, p_sum_exp, p_sum_exp_s
     tl.store(p_max + o_partial, b_max, mask=m_n)
     tl.store(p_sum_exp + o_partial, b_sum_exp, mask=m_n)
     tl.store(p_sum_exp_shifted + o_partial, b_sum_exp_shifted, mask=m_n)
+    has_target = (b_targets >= split_start) & (b_targets < split_start + tiles_per_split * BLOCK_V) & (b_targets < V)
     tl.store(p_target_logit + o_n, b_target_logit, mask=m_n & has_target)
 
 
@@ -99,8 +116,9 @@ def _logprobs_bwd_kernel(p_h, p_w, p_b, p_targets, p_lse, p_entropy, p_grad_logp
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
     b_grad_logp = tl.load(p_grad_logp + o_n, mask=m_n, other=0.0) * inv_temperature
     b_p = tl.exp(b_z - b_lse[:, None])
-    b_targets = tl.load(p_targets + o_n, mask=m_n, other=-1)
-    b_grad_z = b_grad_logp[:, None] * (tl.where(o_v[None, :] == b_targets[:, None], 1.0, 0.0) - b_p)
+    b_targets = tl.load(p_targets + o_n, mask=m_n, other=-1).to(tl.int32)  # int32 as in the forward
+    is_target = tl.arange(0, BLOCK_V)[None, :] == (b_targets - i_v * BLOCK_V)[:, None]
+    b_grad_z = b_grad_logp[:, None] * (tl.where(is_target, 1.0, 0.0) - b_p)
     if HAS_GRAD_ENTROPY:
         b_mean_z = b_lse - tl.load(p_entropy + o_n, mask=m_n, other=0.0)
         b_grad_entropy = tl.load(p_grad_entropy + o_n, mask=m_n, other=0.0) * inv_temperature
@@ -125,6 +143,16 @@ def _logprobs_bwd_kernel(p_h, p_w, p_b, p_targets, p_lse, p_entropy, p_grad_logp
                           mask=m_v[:, None] & m_d[None, :])
 
 
+def _generation(device):
+    return 90 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def launch_config(kernel, dtype, device):
+    """Tiles and launch options of ``kernel`` ("forward" or "backward") for inputs of ``dtype`` on ``device``."""
+    width = "fp32" if dtype == torch.float32 else "16-bit"
+    return {**CONFIGS[(kernel, width, _generation(device))], **TILE_OVERRIDE}
+
+
 def _dot_precision(dtype):
     # fp32 inputs get exact fp32 products (tl.dot would use tf32 by default); bf16/fp16 use tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -132,7 +160,7 @@ def _dot_precision(dtype):
 
 def forward(hidden, weight, bias, targets, inv_temperature, config=None):
     """Returns (lse, target_logit, entropy), each fp32 [N], for hidden [N, D] contiguous."""
-    config = {**FORWARD_CONFIG, **(config or {})}
+    config = {**launch_config("forward", hidden.dtype, hidden.device), **(config or {})}
     launch = {k: config[k] for k in ("num_warps", "num_stages")}
     blocks = {k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}
     N, D = hidden.shape
@@ -169,7 +197,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
              needs_input_grad, config=None):
     """Gradients of sum(grad_logp * logp + grad_entropy * entropy) for hidden, weight, bias (None if not needed),
     accumulated in fp32 and returned in the inputs' dtypes."""
-    config = {**BACKWARD_CONFIG, **(config or {})}
+    config = {**launch_config("backward", hidden.dtype, hidden.device), **(config or {})}
     launch = {k: config[k] for k in ("num_warps", "num_stages")}
     blocks = {k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}
     needs_hidden, needs_weight, needs_bias = needs_input_grad
@@ -192,11 +220,14 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entrop
     return grad_hidden, grad_weight, grad_bias
 
 
-def aot_specs(dtype="bf16"):
-    """The kernels with the signatures and configs they launch with, for ahead-of-time compilation checks
-    (dypo_kernels/aot.py). ``dtype`` is the type of hidden/weight: "bf16", "fp16" or "fp32"."""
+def aot_specs(dtype="bf16", capability=90):
+    """The kernels with the signatures and configs they launch with on GPUs of ``capability`` (80 or 90), for
+    ahead-of-time compilation checks (dypo_kernels/aot.py). ``dtype`` is the type of hidden/weight: "bf16",
+    "fp16" or "fp32"."""
     pointers = {"p_h": f"*{dtype}", "p_w": f"*{dtype}", "p_b": f"*{dtype}", "p_targets": "*i64"}
-    scalars = {"N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"}
+    # ":16": multiples of 16 at real shapes (D = 4,096, V = 151,936 or 128,256), as the JIT specialises them
+    scalars = {"N": "i32", "V": "i32:16", "D": "i32:16", "stride_h": "i32:16", "stride_w": "i32:16",
+               "inv_temperature": "fp32"}
     precision = "ieee" if dtype == "fp32" else "tf32"
     forward_signature = {**pointers, **{name: "*fp32" for name in (
         "p_max", "p_sum_exp", "p_sum_exp_shifted", "p_target_logit")}, **scalars, "tiles_per_split": "i32"}
@@ -207,8 +238,9 @@ def aot_specs(dtype="bf16"):
         return ({k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")},
                 {k: config[k] for k in ("num_warps", "num_stages")})
 
-    forward_blocks, forward_launch = split(FORWARD_CONFIG)
-    backward_blocks, backward_launch = split(BACKWARD_CONFIG)
+    width = "fp32" if dtype == "fp32" else "16-bit"
+    forward_blocks, forward_launch = split(CONFIGS[("forward", width, capability)])
+    backward_blocks, backward_launch = split(CONFIGS[("backward", width, capability)])
     flags = dict(HAS_BIAS=True, DOT_PRECISION=precision)
     return [
         ("logprobs_fwd", _logprobs_fwd_kernel, forward_signature, {**flags, **forward_blocks}, forward_launch),

@@ -15,7 +15,7 @@ import triton.language as tl
 from dypo_kernels.multi_teacher_kl.divergence import resolve
 
 BLOCK_V = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
@@ -153,7 +153,7 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
 def aot_specs():
     """Every (divergence, aggregate) variant, for the ahead-of-time compilation checks (dypo_kernels/aot.py)."""
     signature = {"p_student": "*fp32", "p_teachers": "*fp32", "p_coefs": "*fp32", "p_teacher_lse": "*fp32",
-                 "p_value": "*fp32", "rows": "i32", "V": "i32", "num_teachers": "i32", "beta": "fp32",
+                 "p_value": "*fp32", "rows": "i32", "V": "i32:16", "num_teachers": "i32", "beta": "fp32",
                  "log_beta": "fp32", "log_one_minus_beta": "fp32"}
     return [(f"multi_teacher_kl[{divergence},{'mixture' if mixture else 'mean'}]", _divergence_kernel, signature,
              dict(DIVERGENCE=code, MIXTURE=mixture, BLOCK_V=BLOCK_V), dict(num_warps=NUM_WARPS, num_stages=1))
