@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.0 codetiming==1.4.0 orjson==3.13.0 \
 	peft==0.21.2 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 pillow==13.0.0
 
-.PHONY: test demo bench train gpu-wheels
+# another torch / Triton pair for `make test-stack` (README, "Install and use"): 2.11.0 carries Triton 3.6, the GPU
+# machines' pair; 2.6.0 carries 3.2. Both are CUDA builds (about 3 GB); their Triton interpreters need numpy < 2.3.
+STACK_TORCH ?= 2.11.0
+STACK_VENV := .venv-torch-$(STACK_TORCH)
+
+.PHONY: test test-stack demo bench train gpu-wheels
 # verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11 and tensordict <= 0.10, so it goes
 # in without its pins, then what its registries, compute_advantage and ppo_loss import (tested with these
 # versions), constrained to the torch and transformers already installed
@@ -23,6 +28,13 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/ -q
+
+test-stack:
+	$(PYTHON) -m venv $(STACK_VENV)
+	$(STACK_VENV)/bin/pip install --quiet --upgrade pip
+	$(STACK_VENV)/bin/pip install --quiet "torch==$(STACK_TORCH)" "numpy<2.3"
+	$(STACK_VENV)/bin/pip install --quiet -e ".[test]" "torch==$(STACK_TORCH)" "numpy<2.3"
+	$(STACK_VENV)/bin/python -m pytest tests/ -q
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.cpu_vs_naive
