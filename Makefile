@@ -32,7 +32,6 @@ test: $(VENV)/.installed
 test-stack:
 	$(PYTHON) -m venv $(STACK_VENV)
 	$(STACK_VENV)/bin/pip install --quiet --upgrade pip
-	$(STACK_VENV)/bin/pip install --quiet "torch==$(STACK_TORCH)" "numpy<2.3"
 	$(STACK_VENV)/bin/pip install --quiet -e ".[test]" "torch==$(STACK_TORCH)" "numpy<2.3"
 	$(STACK_VENV)/bin/python -m pytest tests/ -q
 

@@ -67,7 +67,8 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
     """The case ``loss`` x ``impl``; raises Unavailable when the implementation does not run here."""
     import dypo_kernels
     from dypo_kernels import reference
-    from dypo_kernels.linear_logprobs.cpu import rows_per_chunk
+    from dypo_kernels.backend import select_backend
+    from dypo_kernels.sweep import chunk_capacity
 
     if loss not in LOSSES or impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown case {loss!r} x {impl!r}")
@@ -199,7 +200,7 @@ def build(loss, impl, N, D, V, *, T=512, teachers=1, dtype=torch.float32, device
 
         if impl == "fused":
             # one sweep while a pair's tokens fit in a CPU logits chunk (T <= 512 at V = 32,768), else two (8NDV)
-            one_sweep = device.type == "cuda" or 2 * T <= rows_per_chunk(V)
+            one_sweep = 2 * T <= chunk_capacity(select_backend(device), V)
             return Case(lambda: dypo_kernels.fused_gal_loss(hidden, weight, targets, rewards, group_index=pairs,
                                                             beta=0.1),
                         params, fused_flop if one_sweep else 4 * projection, inputs=inputs, loss_of_logps=of_logps)

@@ -252,7 +252,8 @@ class Trainer:
         if self.world.distributed:
             distributed.shard(self.policy, self.model, self.world.device)
             distributed.shard(self.reference_head, self.reference, self.world.device)
-        self.engine = start_vllm(config, vllm_model, self.codec, self.runtime, self.world) if vllm_model else None
+        self.engine = start_vllm(config, vllm_model, self.codec, self.runtime, self.world) \
+            if vllm_model is not None else None
         if self.world.distributed:
             torch.manual_seed(config.seed + 1 + self.world.rank)  # each rank samples its own rollouts
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate,

@@ -41,7 +41,8 @@ def kernel_specs(capability):
 
 
 def _resource_usage(cubin: bytes):
-    """Registers, stack bytes and spill stores (STL instructions) of the cubin's kernel."""
+    """Registers, stack bytes, spill stores (STL instructions) and spill instructions inside loops of the cubin's
+    kernel."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -80,26 +81,28 @@ def _source(fn, signature, constexprs):
                      attrs=AttrsDescriptor.from_hints({index: 16 for index in aligned}))
 
 
-def compile_report():
+def check_kernel(spec, capability):
+    """The report row of one kernel spec (an item of ``kernel_specs``) compiled for ``capability``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    rows = []
-    for capability in (80, 90):
-        for name, fn, signature, constexprs, launch, needs_tensor_cores in kernel_specs(capability):
-            row = {"kernel": name, "sm": capability, **launch}
-            try:
-                source = _source(fn, signature, constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=launch)
-                ptx = compiled.asm["ptx"]
-                row.update(shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"]),
-                           tensor_cores=("wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"))
-                row["ok"] = (row["shared"] <= SHARED_MEMORY_LIMIT[capability] and row["spills_in_loops"] == 0
-                             and (row["tensor_cores"] != "none" or not needs_tensor_cores))
-            except Exception as exc:  # a compile failure is a result to report, not a crash of the report
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-            rows.append(row)
-    return rows
+    name, fn, signature, constexprs, launch, needs_tensor_cores = spec
+    row = {"kernel": name, "sm": capability, **launch}
+    try:
+        compiled = triton.compile(_source(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32),
+                                  options=launch)
+        ptx = compiled.asm["ptx"]
+        row.update(shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"]),
+                   tensor_cores=("wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"))
+        row["ok"] = (row["shared"] <= SHARED_MEMORY_LIMIT[capability] and row["spills_in_loops"] == 0
+                     and (row["tensor_cores"] != "none" or not needs_tensor_cores))
+    except Exception as exc:  # a compile failure is a result to report, not a crash of the report
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+    return row
+
+
+def compile_report():
+    return [check_kernel(spec, capability) for capability in (80, 90) for spec in kernel_specs(capability)]
 
 
 def main():

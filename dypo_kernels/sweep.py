@@ -56,9 +56,12 @@ class TokenTerms:
         value = torch.zeros_like(logps)
         gradient = torch.zeros_like(logps)
         parts = {}
+        if self.old_logps is not None and (self.pg_weight is not None or self.kl_importance_weighted):
+            ratio = torch.exp(logps - self.old_logps[rows])  # shared by the policy-gradient and the bias-corrected KL
+        else:
+            ratio = torch.ones_like(logps)
         if self.pg_weight is not None:
             weight, advantages = self.pg_weight[rows], self.advantages[rows]
-            ratio = torch.ones_like(logps) if self.old_logps is None else torch.exp(logps - self.old_logps[rows])
             clipped_ratio = ratio.clamp(1 - self.eps_low, 1 + self.eps_high)
             policy_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
             # the clipped branch is the minimum, and flat, exactly where the ratio left the trust region on the side
@@ -76,7 +79,6 @@ class TokenTerms:
             kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
             used = weight != 0
             if self.kl_importance_weighted:
-                ratio = torch.ones_like(logps) if self.old_logps is None else torch.exp(logps - self.old_logps[rows])
                 gradient += torch.where(used, weight * ratio * -log_ref_ratio, 0.0)  # r kl + r (1 - e^(ref - lp))
                 kl = ratio * kl
             else:
@@ -136,9 +138,9 @@ class SweepLossFunction(torch.autograd.Function):
     """loss = finish(sweep(...)) for kept tokens hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None.
 
     ``finish(result)`` returns the scalar loss and, optionally, a per-token correction of dL/dlp_t (fp32 ``[N]``)
-    found only after the sweep (dypo_loss's GAL coefficients when old_logps were stale); its gradients are added with
-    one more gradient pass (6NDV). The gradients are computed in the forward (only when ``grad_enabled``: not under
-    torch.no_grad) and scaled in the backward. Each loss awaiting its backward holds fp32 gradients of hidden and
+    found only after the sweep (dypo_loss's GAL coefficients when they came from stale old_logps: on CPU, when an RL
+    group's tokens exceed one chunk); its gradients are added with one more gradient pass (6NDV). The gradients are
+    computed in the forward (only when ``grad_enabled``: not under torch.no_grad) and scaled in the backward. Each loss awaiting its backward holds fp32 gradients of hidden and
     weight (N*D + V*D): sum micro-batch losses after their backward, not before.
     """
 

@@ -147,7 +147,8 @@ class DYPOTrainer(GRPOTrainer):
             batch = {name: value[order] if isinstance(value, torch.Tensor) and value.dim() > 0 and
                      value.size(0) == rows else value for name, value in batch.items()}
             self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
-            self._generation_totals = BatchTotals.combine(gather_object([self._batch_totals(batch)]))
+            if self.loss_type == "dapo":  # the only loss type normalised by the generation batch
+                self._generation_totals = BatchTotals.combine(gather_object([self._batch_totals(batch)]))
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _batch_totals(self, inputs):
@@ -201,8 +202,9 @@ class DYPOTrainer(GRPOTrainer):
     def _log_loss_metrics(self, metrics):
         """The loss terms and diagnostics of one micro-batch. Under dapo a micro-batch's loss terms are its shares of
         the generation batch's: every process's shares are summed, so that the mean over the generation batch's
-        micro-batches is the generation batch's term. Otherwise, as TRL logs: each micro-batch's own value, where
-        it has the term (RL prompts for the token means, pairs for GAL)."""
+        micro-batches is the generation batch's term. Otherwise each micro-batch's own value on this process, where
+        it has the term (RL prompts for the token means, pairs for GAL); TRL gathers its KL and clip metrics over
+        the processes first, which this does not."""
         train = self._metrics["train"]
         terms = ("loss_sft", "loss_grpo", "loss_gal")
         if self.loss_type == "dapo":

@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles by (kernel, input width, GPU generation: 90 for Hopper and newer, 80 for Ampere/Ada): the largest that
-# compile without register spills in their loops for that target on Triton 3.2, 3.6 and 3.9 (python -m
-# dypo_kernels.aot checks each with the installed Triton).
+# Tiles by (kernel, input width, GPU generation: 90 for Hopper and newer, 80 for Ampere/Ada), chosen among those
+# that compile without register spills in their loops for that target on Triton 3.2, 3.6 and 3.9 (python -m
+# dypo_kernels.aot checks each with the installed Triton): the 16-bit ones as large as that allows, the fp32 ones
+# with room to spare (ptxas's register use for them varies most between Triton versions).
 # Not yet timed on a GPU: the GPU report (benchmarks/report.py) is where to compare them.
 CONFIGS = {
     ("forward", "16-bit", 90): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
