@@ -33,11 +33,12 @@ def kernel_specs(capability):
     from dypo_kernels.advantages import triton_kernels as advantages
     from dypo_kernels.linear_logprobs import triton_kernels as linear_logprobs
     from dypo_kernels.multi_teacher_kl import triton_kernels as multi_teacher_kl
+    from dypo_kernels.vocab_pass import triton_pass as vocab_pass
 
     # exact fp32 products ("ieee") run on the FMA units; only 16-bit products must use tensor cores
     return [(f"{name}[{dtype}]", *rest, dtype != "fp32") for dtype in ("bf16", "fp32")
             for name, *rest in linear_logprobs.aot_specs(dtype, capability)] + [
-        (*spec, False) for spec in advantages.aot_specs() + multi_teacher_kl.aot_specs()]
+        (*spec, False) for spec in advantages.aot_specs() + multi_teacher_kl.aot_specs() + vocab_pass.aot_specs()]
 
 
 def _resource_usage(cubin: bytes):

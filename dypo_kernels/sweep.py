@@ -1,41 +1,246 @@
-"""The single sweep of the losses (fused_grpo_loss, fused_sft_loss, fused_gal_loss, dypo_loss): one copy of their
-per-token math, and the autograd.Function that computes their value and all their gradients in one pass over the
-vocabulary.
+"""The sweep engine: every op of the library runs on this one loop over chunks of rows (docs/design.md, "The
+sweep engine"). Per chunk of r rows, as QuACK's chunked linear cross-entropy does it:
 
-Each of these losses is sum_t L_t(lp_t), plus possibly GAL, whose gradient is sum_i c_i grad S_i with per-sequence
-coefficients c_i (DESIGN.md section 1, "a useful identity"). Their logit gradient is therefore
-g_t (onehot(y_t) - softmax(z_t)) / T with g_t = dL/dlp_t, a function of the token's own log-prob, of per-token
-constants and, for GAL, of the log-probs of the other tokens of its group, which the sweep takes in the same chunk:
-the sweep computes lp_t, then g_t, then the gradients, before the forward returns. The backward only scales
-the stored gradients by the incoming one (Liger-Kernel's scheme for its chunked losses).
+    logits    = (h_c W^T + b) / T       one matrix product with an fp32 result            2 r D V FLOP
+    grad      = op_pass.chunk(...)      the op's vocabulary pass: its per-row outputs, and the gradient of its
+                                        objective with respect to the raw logits, formed in fp32 and rounded once
+                                        into a workspace of the operands' dtype            memory-bound
+    grad_h_c  = grad W                  a matrix product                                   2 r D V
+    grad_W   += grad^T h_c              in place into one fp32 buffer (beta = 1)           2 r D V
+
+So a loss costs 6NDV FLOP with its gradients formed in the forward (the backward scales them), scoring under
+torch.no_grad 2NDV, and the extra memory is the chunk (``chunk_bytes``) plus the fp32 gradients: never N x V.
+There are no atomics: the same inputs give bitwise-identical results. ``impl="fused"`` replaces the loop by the
+Triton register-tile kernels of linear_logprobs/triton_kernels.py (no workspace at all, 8NDV, fp32 atomics).
+
+The op passes (``LogprobPass`` here for every log-prob op; multi_teacher_kl's for the KL) are data with a
+``chunk(chunk, logits, workspace)`` method; ``TokenTerms`` holds the per-token math of the losses, written once.
 """
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from dypo_kernels.linear_logprobs import correction_gradients, cpu, forward_and_gradients
+from dypo_kernels import vocab_pass
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IMPLS = ("chunked", "fused")
+IMPL_ENV = "DYPO_KERNELS_IMPL"
+CHUNK_BYTES_ENV = "DYPO_KERNELS_CHUNK_BYTES"
+# One chunk's logits and workspace. On CUDA about 1,100 rows at V = 151,936 in bf16: large enough that the products
+# run at full rate; on CPU the size that kept the sweep fastest at V = 32,768 on this project's 2-core machines.
+DEFAULT_CHUNK_BYTES = {"cuda": 2**30, "cpu": 128 * 2**20}
+
+
+def chunked_supported_on_cuda():
+    """torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA operands arrived in torch 2.8."""
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 8)
+
+
+def select_impl(impl, backend, device, has_fused=True):
+    """The implementation an op runs: ``impl``, else DYPO_KERNELS_IMPL, else "chunked" (on CUDA with torch < 2.8,
+    "fused"). Ops without a fused implementation run "chunked" whatever the environment says."""
+    from_env = impl is None
+    if from_env:
+        impl = os.environ.get(IMPL_ENV) or None
+    if impl is None:
+        return "fused" if device.type == "cuda" and not chunked_supported_on_cuda() else "chunked"
+    if impl not in IMPLS:
+        source = f"{IMPL_ENV}={impl!r}" if from_env else f"impl={impl!r}"
+        raise ValueError(f"{source}: impl must be one of {', '.join(map(repr, IMPLS))} (or None)")
+    if impl == "fused" and not has_fused:
+        if from_env:
+            return "chunked"
+        raise ValueError("impl='fused': this op has no register-tile implementation; use impl='chunked' or None")
+    if impl == "fused" and backend != "triton":
+        raise ValueError("impl='fused' runs the Triton register-tile kernels: it needs CUDA tensors (or "
+                         "DYPO_KERNELS_BACKEND=triton with TRITON_INTERPRET=1); use impl='chunked' on CPU")
+    if impl == "chunked" and device.type == "cuda" and not chunked_supported_on_cuda():
+        raise ValueError(f"impl='chunked' on CUDA needs torch >= 2.8 (torch.mm with out_dtype); this is "
+                         f"torch {torch.__version__}: use impl='fused'")
+    return impl
+
+
+def chunk_budget(chunk_bytes, device):
+    """Bytes of one chunk's logits and workspace: ``chunk_bytes``, else DYPO_KERNELS_CHUNK_BYTES, else the
+    device's default."""
+    source = "chunk_bytes"
+    if chunk_bytes is None and os.environ.get(CHUNK_BYTES_ENV):
+        source, chunk_bytes = CHUNK_BYTES_ENV, os.environ[CHUNK_BYTES_ENV]
+        try:
+            chunk_bytes = int(chunk_bytes)
+        except ValueError:
+            raise ValueError(f"{CHUNK_BYTES_ENV}={chunk_bytes!r} must be a positive integer (bytes)") from None
+    if chunk_bytes is None:
+        return DEFAULT_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"{source} must be a positive integer (bytes) or None, got {chunk_bytes!r}")
+    return chunk_bytes
+
+
+def rows_per_chunk(budget, vocab_size, bytes_per_logit, device):
+    """Rows whose logits (and what the pass holds per logit) fit ``budget``; on CUDA a multiple of 128 when it can
+    be, so that the products' tiles are full."""
+    rows = max(1, budget // (vocab_size * bytes_per_logit))
+    return rows - rows % 128 if device.type == "cuda" and rows >= 256 else rows
+
+
+def workspace_dtype(weight, backend):
+    """The logit gradient's dtype: the operands' on Triton (CUDA's products take it); fp32 on the CPU backends,
+    whose products run in fp32 and whose passes write the gradient over the logits."""
+    return weight.dtype if backend == "triton" else torch.float32
+
+
+class Chunk(NamedTuple):
+    """Token rows [start, stop) of one step of the sweep; for ops that need whole groups (GAL), the sequences
+    [first_sequence, last_sequence) and groups [first_group, last_group) whose tokens all lie in it."""
+
+    start: int
+    stop: int
+    first_sequence: int = 0
+    last_sequence: int = 0
+    first_group: int = 0
+    last_group: int = 0
+
+    @property
+    def rows(self):
+        return slice(self.start, self.stop)
+
+
+def even_chunks(count, rows):
+    return [Chunk(start, min(start + rows, count)) for start in range(0, count, rows)]
+
+
+def whole_group_chunks(tokens_per_group, sequences_per_group, capacity, free_tokens=0):
+    """Chunks over groups of consecutive tokens (``tokens_per_group``, each of ``sequences_per_group`` sequences),
+    each group whole in one chunk, then ``free_tokens`` tokens that may be split anywhere. A chunk holds at most
+    ``capacity`` tokens, or the largest group's when that is more: the chunk grows to hold the largest group, so
+    the extra memory is max(capacity, largest group) rows of logits. Chunks without tokens are left out."""
+    capacity = max([capacity, *tokens_per_group])
+    chunks, start, stop, first_sequence, sequences, first_group = [], 0, 0, 0, 0, 0
+
+    def close(group):
+        nonlocal start, first_sequence, first_group
+        if stop > start:
+            chunks.append(Chunk(start, stop, first_sequence, sequences, first_group, group))
+        start, first_sequence, first_group = stop, sequences, group
+
+    for group, (tokens, count) in enumerate(zip(tokens_per_group, sequences_per_group)):
+        if stop + tokens - start > capacity:
+            close(group)
+        stop, sequences = stop + tokens, sequences + count
+    num_groups, remaining = len(tokens_per_group), free_tokens
+    while remaining:
+        if stop - start >= capacity:
+            close(num_groups)
+        taken = min(capacity - (stop - start), remaining)
+        stop, remaining = stop + taken, remaining - taken
+    close(num_groups)
+    return chunks
+
+
+def _product(a, b, out=None):
+    """a @ b with an fp32 result: cuBLAS with an fp32 output for 16-bit CUDA operands; fp32 products on CPU."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _accumulate_product(accumulator, a, b):
+    """accumulator += a @ b in place, into the fp32 ``accumulator``."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        try:
+            torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+        except RuntimeError:  # torch 2.8/2.9 ask the added matrix to share the operands' dtype
+            accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+        return
+    accumulator.addmm_(a.float(), b.float())
+
+
+def chunk_logits(hidden_rows, weight_operand, bias, inv_temperature, out=None):
+    """fp32 [r, V] logits (h W^T + b) / T of one chunk (into ``out`` if given); ``weight_operand`` as ``operand``
+    returns it, ``bias`` fp32."""
+    logits = _product(hidden_rows, weight_operand.T, out=out)
+    if bias is not None:
+        logits += bias
+    return logits if inv_temperature == 1.0 else logits.mul_(inv_temperature)
+
+
+def operand(tensor):
+    """A product operand: CUDA tensors as they are (tensor cores), CPU ones in fp32 (one copy per sweep)."""
+    return tensor if tensor.device.type == "cuda" else tensor.float()
+
+
+def sweep(hidden, weight, bias, op_pass, chunks, *, needs_input_grad, impl="chunked"):
+    """Runs ``op_pass`` over the rows ``hidden`` [N, D] (contiguous) of the head ``weight`` [V, D], ``bias`` [V] or
+    None. Returns the fp32 gradients (hidden, weight, bias) of the pass's objective, None where not needed (and
+    none at all, with no gradient work, when nothing is needed). ``chunks``: Chunk list covering the rows."""
+    if impl == "fused":
+        return _fused_sweep(hidden, weight, bias, op_pass, needs_input_grad)
+    device, count = hidden.device, hidden.shape[0]
+    needs_hidden, needs_weight, needs_bias = needs_input_grad
+    wants_gradient = any(needs_input_grad)
+    weight_operand = operand(weight)
+    bias32 = None if bias is None else bias.float()
+    ws_dtype = workspace_dtype(weight, op_pass.backend)
+    grad_hidden = torch.empty(count, hidden.shape[1], dtype=torch.float32, device=device) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
+    for chunk in chunks:
+        hidden_rows = hidden[chunk.rows]
+        logits = chunk_logits(hidden_rows, weight_operand, bias32, op_pass.inv_temperature)
+        workspace = None
+        if wants_gradient:
+            workspace = logits if ws_dtype == torch.float32 else torch.empty(logits.shape, dtype=ws_dtype,
+                                                                            device=device)
+        grad_logits = op_pass.chunk(chunk, logits, workspace)
+        del logits  # one chunk's buffers alive at a time
+        if grad_logits is None:
+            continue
+        if needs_hidden:
+            _product(grad_logits, weight_operand, out=grad_hidden[chunk.rows])
+        if needs_weight:
+            _accumulate_product(grad_weight, grad_logits.T, hidden_rows if device.type == "cuda" else
+                                hidden_rows.float())
+        if needs_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits, workspace
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _fused_sweep(hidden, weight, bias, op_pass, needs_input_grad):
+    """The register-tile kernels: the forward kernel over all rows (2NDV), the pass's coefficients, then the
+    gradient kernel (6NDV, the logit tiles recomputed, products added with fp32 atomics)."""
+    from dypo_kernels.linear_logprobs import triton_kernels
+
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    if op_pass.grad_logp is None:
+        lse, target_logit, entropy = triton_kernels.forward(hidden, weight, bias, op_pass.targets,
+                                                            op_pass.inv_temperature)
+    else:  # fused_linear_logprobs' backward: the statistics are known
+        lse, target_logit, entropy = op_pass.lse, None, op_pass.entropy
+    coef_logp, coef_entropy = op_pass.coefficients(op_pass.whole_chunk(), lse, target_logit, entropy)
+    if not any(needs_input_grad):
+        return None, None, None
+    return triton_kernels.backward(hidden, weight, bias, op_pass.targets, lse, entropy, coef_logp.contiguous(),
+                                   None if coef_entropy is None else coef_entropy.contiguous(),
+                                   op_pass.inv_temperature, needs_input_grad=needs_input_grad)
 
 
 @dataclass
 class TokenTerms:
-    """Per-token constants of the objective, fp32 ``[N]`` over the kept tokens (None: the term is absent).
+    """Per-token constants of a loss, fp32 ``[N]`` over the kept tokens (None: the term is absent).
 
-    L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 2-3)
+    L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 3 / 21)
         + kl_weight_t * [r_t] * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)             (k3 estimate of the KL)
         - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
     with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy). The KL
     term carries r_t with ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger-Kernel's
     use_bias_correction_kl): its gradient is then kl_weight_t r_t (lp_t - ref_t).
-    ``seq_coef_t`` adds a constant to dL/dlp_t with no value: the GAL gradient c_i of the token's sequence, whose
-    value the caller computes from the sequence log-probs. ``group_gradient(rows, logps)`` adds to dL/dlp_t a term
-    that depends on the log-probs of other tokens (GAL's c_i, from the current sequence log-probs of the tokens'
-    groups); the sweep then takes the token ranges ``chunks`` whole, each holding whole groups and at most one
-    chunk's rows, and calls it with one of them (or with all the rows).
     """
 
     pg_weight: Optional[torch.Tensor] = None
@@ -44,10 +249,7 @@ class TokenTerms:
     kl_weight: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None
     nll_weight: Optional[torch.Tensor] = None
-    seq_coef: Optional[torch.Tensor] = None
     kl_importance_weighted: bool = False
-    group_gradient: Optional[Callable[[slice, torch.Tensor], torch.Tensor]] = None
-    chunks: Optional[List[Tuple[int, int]]] = None
     eps_low: float = 0.2
     eps_high: float = 0.2
 
@@ -88,90 +290,133 @@ class TokenTerms:
         if self.nll_weight is not None:
             value -= self.nll_weight[rows] * logps
             gradient -= self.nll_weight[rows]
-        if self.seq_coef is not None:
-            gradient += self.seq_coef[rows]
-        if self.group_gradient is not None:
-            gradient += self.group_gradient(rows, logps)
         return value, gradient, parts
 
 
 @dataclass
-class SweepResult:
-    """What one sweep gives, per kept token (fp32 ``[N]``): lse, log-prob, entropy, the value L_t and the diagnostics
-    of TokenTerms.evaluate; and the fp32 gradients (hidden, weight, bias) of sum_t L_t (+ the seq_coef and
-    group_gradient terms)."""
+class LogprobPass:
+    """The vocabulary pass of every log-prob op, for kept tokens with ``targets`` [N] (int64).
 
-    lse: torch.Tensor
-    logps: torch.Tensor
-    entropy: torch.Tensor
-    value: torch.Tensor
-    parts: Dict[str, torch.Tensor] = field(default_factory=dict)
-    grads: tuple = (None, None, None)
-
-
-def sweep(hidden, weight, bias, targets, inv_temperature, terms: TokenTerms, *, needs_input_grad, backend):
-    """Runs the objective ``terms`` over the kept tokens (hidden ``[N, D]``, targets ``[N]``)."""
-    count = hidden.shape[0]
-    value = torch.zeros(count, dtype=torch.float32, device=hidden.device)
-    parts = {}
-
-    def gradient_of_logps(rows, logps, entropy):
-        chunk_value, gradient, chunk_parts = terms.evaluate(rows, logps)
-        value[rows] = chunk_value
-        for name, part in chunk_parts.items():
-            parts.setdefault(name, torch.zeros_like(value))[rows] = part
-        return gradient
-
-    if count == 0:
-        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-        gradient_of_logps(slice(0, 0), empty, empty)
-        grads = tuple(torch.zeros(like.shape, dtype=torch.float32, device=like.device) if need else None
-                      for like, need in zip((hidden, weight, bias), needs_input_grad))
-        return SweepResult(empty, empty, empty, value, parts, grads)
-    lse, logps, entropy, *grads = forward_and_gradients(hidden, weight, bias, targets, inv_temperature,
-                                                        gradient_of_logps, needs_input_grad=needs_input_grad,
-                                                        backend=backend, chunks=terms.chunks)
-    return SweepResult(lse, logps, entropy, value, parts, tuple(grads))
-
-
-class SweepLossFunction(torch.autograd.Function):
-    """loss = finish(sweep(...)) for kept tokens hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None.
-
-    ``finish(result)`` returns the scalar loss and, optionally, a per-token correction of dL/dlp_t (fp32 ``[N]``)
-    found only after the sweep (dypo_loss's GAL coefficients when they came from stale old_logps: on CPU, when an RL
-    group's tokens exceed one chunk); its gradients are added with one more gradient pass (6NDV). The gradients are
-    computed in the forward (only when ``grad_enabled``: not under torch.no_grad) and scaled in the backward. Each loss awaiting its backward holds fp32 gradients of hidden and
-    weight (N*D + V*D): sum micro-batch losses after their backward, not before.
+    Per chunk: the row statistics (lse, target logit, entropy) from the backend's vocabulary pass, lp = target
+    logit - lse, then the coefficients g_t = dL/dlp_t of the loss (``terms``, plus GAL's per-sequence c_i from the
+    chunk's own sequence log-probs, ``gal``), or the upstream gradients ``grad_logp`` / ``grad_entropy`` of
+    fused_linear_logprobs' backward (whose statistics ``lse`` / ``entropy`` are then known and not recomputed);
+    then the logit gradient (g_t (onehot - p) - g_H,t p (z - E_p[z])) / T into the workspace. Its outputs, fp32
+    ``[N]``: lse, logps, entropy, and the loss value L_t with its diagnostics ``parts``.
     """
 
+    targets: torch.Tensor
+    inv_temperature: float
+    backend: str
+    terms: Optional[TokenTerms] = None
+    gal: Optional["GalTerms"] = None
+    grad_logp: Optional[torch.Tensor] = None
+    grad_entropy: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    logps: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
+    parts: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        def buffer(given):
+            return torch.zeros(self.targets.shape, dtype=torch.float32, device=self.targets.device) \
+                if given is None else given
+        self.lse, self.logps, self.entropy, self.value = map(buffer, (self.lse, self.logps, self.entropy, self.value))
+
+    def bytes_per_logit(self, ws_dtype):
+        """What one logit of a chunk costs: the fp32 logits, the workspace when separate, the torch pass's
+        temporaries."""
+        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
+        return 4 + separate + (8 if self.backend == "torch" else 0)
+
+    def whole_chunk(self):
+        count = self.targets.shape[0]
+        return Chunk(0, count, 0, 0 if self.gal is None else self.gal.group.shape[0], 0,
+                     0 if self.gal is None else self.gal.num_groups)
+
+    def coefficients(self, chunk, lse, target_logit, entropy):
+        """Stores the chunk's statistics and returns (dL/dlp, dL/dH) for its rows (dL/dH None: no entropy term)."""
+        rows = chunk.rows
+        if self.grad_logp is not None:
+            return self.grad_logp[rows], None if self.grad_entropy is None else self.grad_entropy[rows]
+        logps = target_logit - lse
+        self.lse[rows], self.logps[rows], self.entropy[rows] = lse, logps, entropy
+        if self.terms is None and self.gal is None:
+            return None, None
+        gradient = torch.zeros_like(logps)
+        if self.terms is not None:
+            value, gradient, parts = self.terms.evaluate(rows, logps)
+            self.value[rows] = value
+            for name, part in parts.items():
+                self.parts.setdefault(name, torch.zeros_like(self.value))[rows] = part
+        if self.gal is not None:
+            gradient = gradient + self.gal.gradient(chunk, logps)
+        return gradient, None
+
+    def chunk(self, chunk, logits, workspace):
+        targets = self.targets[chunk.rows]
+        if self.grad_logp is not None:
+            lse, entropy = self.lse[chunk.rows], self.entropy[chunk.rows]
+            coef_logp, coef_entropy = self.coefficients(chunk, lse, None, entropy)
+        else:
+            lse, target_logit, entropy = vocab_pass.row_stats(logits, targets, self.backend)
+            coef_logp, coef_entropy = self.coefficients(chunk, lse, target_logit, entropy)
+        if workspace is None:
+            return None
+        scale = self.inv_temperature  # the gradient with respect to the raw logits
+        return vocab_pass.logit_gradient(logits, targets, lse.contiguous(), entropy.contiguous(),
+                                         (coef_logp * scale).float().contiguous(),
+                                         None if coef_entropy is None else (coef_entropy * scale).float().contiguous(),
+                                         workspace, self.backend)
+
+    def total(self):
+        """The scalar loss: sum_t L_t, plus GAL's value."""
+        loss = self.value.sum()
+        if self.gal is not None:
+            loss = loss + self.gal.scale * self.gal.loss_and_metrics()[0]
+        return loss
+
+
+class SweepLoss(torch.autograd.Function):
+    """loss = op_pass.total() after one sweep, for kept rows hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or
+    None. The gradients are formed in the forward (when ``grad_enabled``: not under torch.no_grad) and scaled in the
+    backward. Each loss awaiting its backward holds fp32 gradients of hidden and weight (N*D + V*D): sum micro-batch
+    losses after their backward, not before."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, terms: TokenTerms,
-                finish: Callable[[SweepResult], tuple], grad_enabled):
+    def forward(ctx, hidden, weight, bias, op_pass, chunks, impl, grad_enabled):
         needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
-        result = sweep(hidden, weight, bias, targets, inv_temperature, terms, needs_input_grad=needs,
-                       backend=backend)
-        loss, correction = finish(result)
-        grads = result.grads
-        if correction is not None and hidden.shape[0]:
-            extra = correction_gradients(hidden, weight, bias, targets, result.lse, result.entropy, correction,
-                                         inv_temperature, needs_input_grad=needs, backend=backend)
-            grads = tuple(None if g is None else g.add_(e) for g, e in zip(grads, extra))
+        if hidden.shape[0]:
+            grads = sweep(hidden, weight, bias, op_pass, chunks, needs_input_grad=needs, impl=impl)
+        else:
+            grads = tuple(torch.zeros(like.shape, dtype=torch.float32, device=like.device) if need else None
+                          for like, need in zip((hidden, weight, bias), needs))
         ctx.save_for_backward(*grads)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
-        return loss
+        return op_pass.total()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
         grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors,
                                                                                         ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def sweep_loss(hidden, weight, bias, targets, temperature, backend, terms, finish):
-    """The loss of ``terms`` over the kept tokens, through SweepLossFunction."""
-    return SweepLossFunction.apply(hidden, weight, bias, targets, 1.0 / temperature, backend, terms, finish,
-                                   torch.is_grad_enabled())
+def sweep_loss(hidden, weight, bias, op_pass, chunks, impl):
+    """The loss of ``op_pass`` over the kept rows, through SweepLoss."""
+    return SweepLoss.apply(hidden, weight, bias, op_pass, chunks, impl, torch.is_grad_enabled())
+
+
+def loss_chunks(op_pass, hidden, weight, impl, chunk_bytes):
+    """Even chunks of the kept rows for a pass without groups (one chunk for the fused impl)."""
+    count = hidden.shape[0]
+    if impl == "fused" or count == 0:
+        return [Chunk(0, count)]
+    budget = chunk_budget(chunk_bytes, hidden.device)
+    per_logit = op_pass.bytes_per_logit(workspace_dtype(weight, op_pass.backend))
+    return even_chunks(count, rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device))
 
 
 def select_tokens(hidden, targets, mask, rows=None):
@@ -214,37 +459,13 @@ def token_mean(values):
     return values.mean() if values.numel() else values.new_zeros(())
 
 
-def chunk_capacity(backend, vocab_size):
-    """The most rows one chunk of a sweep may hold: a CPU chunk of logits; Triton takes all rows in one call."""
-    return float("inf") if backend == "triton" else cpu.rows_per_chunk(vocab_size)
+def group_chunks(op_pass, hidden, weight, impl, chunk_bytes, tokens_per_group, sequences_per_group, free_tokens=0):
+    """Chunks of whole groups (then ``free_tokens`` tokens) for a pass with GAL terms (one chunk for the fused
+    impl), from host lists of each group's tokens and sequences."""
+    if impl == "fused":
+        return [op_pass.whole_chunk()]
+    budget = chunk_budget(chunk_bytes, hidden.device)
+    per_logit = op_pass.bytes_per_logit(workspace_dtype(weight, op_pass.backend))
+    capacity = rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device)
+    return whole_group_chunks(tokens_per_group, sequences_per_group, capacity, free_tokens)
 
-
-def whole_group_chunks(tokens_per_group, capacity, free_tokens=0):
-    """Chunks for TokenTerms.chunks: token ranges (start, stop) of at most ``capacity`` tokens over groups of
-    consecutive tokens (``tokens_per_group``), each group whole, then ``free_tokens`` tokens that may be split
-    anywhere; each with the groups it holds (first, last + 1). None when one group alone has more tokens than
-    ``capacity``. Ranges without tokens are left out."""
-    chunks, token_start, token_stop, group_start = [], 0, 0, 0
-
-    def close(group_stop):
-        nonlocal token_start, group_start
-        if token_stop > token_start:
-            chunks.append((token_start, token_stop, group_start, group_stop))
-        token_start, group_start = token_stop, group_stop
-
-    if capacity < 1:
-        return None
-    for group, count in enumerate(tokens_per_group):
-        if count > capacity:
-            return None
-        if token_stop + count - token_start > capacity:
-            close(group)
-        token_stop += count
-    num_groups, remaining = len(tokens_per_group), free_tokens
-    while remaining:
-        if token_stop - token_start == capacity:
-            close(num_groups)
-        taken = min(capacity - (token_stop - token_start), remaining)
-        token_stop, remaining = token_stop + taken, remaining - taken
-    close(num_groups)
-    return chunks

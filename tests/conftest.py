@@ -24,25 +24,30 @@ def available_backends():
     return backends
 
 
-# CPU chunks of a few rows, so that tiny shapes cross several chunks (the production chunks hold 128 MiB of logits)
+def available_impls():
+    """(backend, impl) pairs: the Triton backend runs both implementations, the CPU backends the chunked one."""
+    return [(backend, impl) for backend in available_backends()
+            for impl in (("chunked", "fused") if backend == "triton" else ("chunked",))]
+
+
+# Chunks of a few rows, so that tiny shapes cross several chunks (the production chunks hold 128 MiB to 1 GiB)
 TEST_CHUNK_BYTES = 16 * 1024
 
 
-@pytest.fixture(params=available_backends())
+@pytest.fixture(params=available_impls(), ids=lambda pair: pair[0] if pair[1] == "chunked" else "-".join(pair))
 def backend(request, monkeypatch):
-    """Forces a backend for the test; yields the device its tensors must live on."""
-    from dypo_kernels import multi_teacher_kl
-    from dypo_kernels.linear_logprobs import cpu
-
-    monkeypatch.setenv("DYPO_KERNELS_BACKEND", request.param)
-    monkeypatch.setattr(cpu, "LOGITS_CHUNK_BYTES", TEST_CHUNK_BYTES)
-    monkeypatch.setitem(multi_teacher_kl.CHUNK_BYTES, "cpu", TEST_CHUNK_BYTES)
-    if request.param == "triton" and not HAS_CUDA:
+    """Forces a backend and an implementation for the test; yields the device its tensors must live on."""
+    name, impl = request.param
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", name)
+    monkeypatch.setenv("DYPO_KERNELS_IMPL", impl)
+    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(TEST_CHUNK_BYTES))
+    if name == "triton" and not HAS_CUDA:
         from dypo_kernels.linear_logprobs import triton_kernels
 
         monkeypatch.setattr(triton_kernels, "TILE_OVERRIDE", INTERPRETER_TILES)
-    request.node.backend_name = request.param
-    return torch.device("cuda" if request.param == "triton" and HAS_CUDA else "cpu")
+    request.node.backend_name = name
+    request.node.impl_name = impl
+    return torch.device("cuda" if name == "triton" and HAS_CUDA else "cpu")
 
 
 def relative_error(actual, expected):

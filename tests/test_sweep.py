@@ -1,51 +1,166 @@
+"""The sweep engine (dypo_kernels/sweep.py) across every op: chunk planning, FLOP counted from the matrix products
+actually dispatched, bitwise determinism, both implementations agreeing, and the impl / chunk_bytes keywords."""
+
+import math
+
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dypo_kernels.sweep import whole_group_chunks
+from dypo_kernels import Route, dypo_loss, fused_gal_loss, fused_grpo_loss, fused_linear_logprobs, \
+    fused_multi_teacher_kl, fused_sft_loss, fused_sparse_teacher_kl
+from dypo_kernels.sweep import Chunk, whole_group_chunks
+from tests.batches import gradients, sequence_batch
 
 
-@pytest.mark.parametrize("tokens_per_group,capacity,free_tokens,expected", [
-    ([3, 4, 2, 5, 6], 7, 0, [(0, 7, 0, 2), (7, 14, 2, 4), (14, 20, 4, 5)]),
-    ([3, 0, 4, 0], 7, 0, [(0, 7, 0, 4)]),
-    ([0, 0], 7, 0, []),
-    ([3, 8], 7, 0, None),
-    ([3, 2], 7, 10, [(0, 7, 0, 2), (7, 14, 2, 2), (14, 15, 2, 2)]),
-    ([], 7, 3, [(0, 3, 0, 0)]),
-    ([3, 4, 2], float("inf"), 5, [(0, 14, 0, 3)]),
-    ([0, 0], 0, 3, None),
+@pytest.mark.parametrize("tokens,sequences,capacity,free_tokens,expected", [
+    ([3, 4, 2, 5, 6], [1, 2, 1, 2, 2], 7, 0, [(0, 7, 0, 3, 0, 2), (7, 14, 3, 6, 2, 4), (14, 20, 6, 8, 4, 5)]),
+    ([3, 0, 4, 0], [1, 0, 2, 0], 7, 0, [(0, 7, 0, 3, 0, 4)]),
+    ([0, 0], [0, 0], 7, 0, []),
+    ([3, 2], [1, 1], 7, 10, [(0, 7, 0, 2, 0, 2), (7, 14, 2, 2, 2, 2), (14, 15, 2, 2, 2, 2)]),
+    ([], [], 7, 3, [(0, 3, 0, 0, 0, 0)]),
+    ([3, 4, 2], [1, 1, 1], float("inf"), 5, [(0, 14, 0, 3, 0, 3)]),
+    # a group larger than the capacity: every chunk grows to hold the largest group
+    ([3, 8, 2], [1, 2, 1], 5, 4, [(0, 3, 0, 1, 0, 1), (3, 11, 1, 3, 1, 2), (11, 17, 3, 4, 2, 3)]),
 ])
-def test_chunks_hold_whole_groups_then_free_tokens(tokens_per_group, capacity, free_tokens, expected):
-    assert whole_group_chunks(tokens_per_group, capacity, free_tokens) == expected
+def test_chunks_hold_whole_groups_then_free_tokens(tokens, sequences, capacity, free_tokens, expected):
+    assert whole_group_chunks(tokens, sequences, capacity, free_tokens) == [Chunk(*c) for c in expected]
 
 
-def test_no_gradient_work_under_no_grad(backend, request, monkeypatch):
-    """Under torch.no_grad the sweep losses give the same values and form no gradient at all (no logit-gradient
-    pass on CPU, no gradient kernel on Triton)."""
-    import torch
+B, T, D, V, D_TEACHER = 4, 6, 16, 50, 12
 
-    from dypo_kernels import Route, dypo_loss, fused_gal_loss, fused_grpo_loss
-    from dypo_kernels.linear_logprobs import cpu, triton_kernels
-    from tests.batches import sequence_batch
 
-    gradient_passes = []
-    add_chunk_gradients, triton_backward = cpu._add_chunk_gradients, triton_kernels.backward
-    monkeypatch.setattr(cpu, "_add_chunk_gradients", lambda *a: gradient_passes.append(1) or add_chunk_gradients(*a))
-    monkeypatch.setattr(triton_kernels, "backward", lambda *a, **k: gradient_passes.append(1) or
-                        triton_backward(*a, **k))
-    batch = sequence_batch(4, 6, 16, 50, device=backend)
+def _inputs(device):
+    batch = sequence_batch(B, T, D, V, device=device, bias=False)
+    generator = batch["generator"]
+    teacher = dict(teacher_hiddens=[torch.randn(B, T, D_TEACHER, generator=generator).to(device)],
+                   teacher_weights=[torch.randn(V, D_TEACHER, generator=generator).to(device)])
+    topk = torch.log_softmax(torch.randn(B, T, V, generator=generator), -1).topk(5, -1)
+    return batch, teacher, (topk.indices.to(device), topk.values.to(device))
+
+
+def every_op(device):
+    """name -> (loss closure, kept tokens, extra product FLOP per kept token beyond the student's head)."""
+    batch, teacher, (ids, logps) = _inputs(device)
     args = (batch["hidden"], batch["weight"], batch["targets"])
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).to(backend)
-    losses = {
-        "grpo": lambda: fused_grpo_loss(*args, torch.randn(4, generator=torch.Generator().manual_seed(0)).to(backend),
-                                        mask=batch["mask"]),
-        "gal": lambda: fused_gal_loss(*args, rewards, group_size=2, mask=batch["mask"]),
-        "dypo": lambda: dypo_loss(*args, mask=batch["mask"], route=torch.tensor([int(Route.RL)] * 4).to(backend),
-                                  rewards=rewards, group_index=torch.tensor([0, 0, 1, 1]).to(backend)),
-    }
-    for name, loss in losses.items():
-        with_grad = loss()
-        assert gradient_passes, name
-        gradient_passes.clear()
-        with torch.no_grad():
-            without = loss()
-        assert not gradient_passes, name
-        assert torch.equal(without, with_grad.detach()), name
+    mask = batch["mask"]
+    tokens = int(mask.sum())
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).to(device)
+    route = torch.tensor([int(Route.RL), int(Route.RL), int(Route.SFT), int(Route.SFT)]).to(device)
+    return {
+        "logprobs": (lambda: fused_linear_logprobs(*args).sum(), tokens, 0),  # targets are -100 off the mask
+        "grpo": (lambda: fused_grpo_loss(*args, torch.tensor([1.0, -1.0, 0.5, 0.2]).to(device), mask=mask),
+                 tokens, 0),
+        "sft": (lambda: fused_sft_loss(*args, mask=mask), tokens, 0),
+        "gal": (lambda: fused_gal_loss(*args, rewards, group_size=2, mask=mask), tokens, 0),
+        "dypo": (lambda: dypo_loss(*args, mask=mask, route=route, rewards=rewards,
+                                   group_index=torch.tensor([0, 0, 1, 1]).to(device)),
+                 int(mask[:2].sum()) + int(mask[2:].sum()), 0),
+        "kl": (lambda: fused_multi_teacher_kl(batch["hidden"], batch["weight"], **teacher, mask=mask), tokens,
+               2 * D_TEACHER * V),
+        "sparse_kl": (lambda: fused_sparse_teacher_kl(batch["hidden"], batch["weight"], [ids], [logps], mask=mask),
+                      tokens, 0),
+    }, batch
+
+
+class ProductFlop(TorchDispatchMode):
+    """FLOP of the matrix products dispatched (mm, addmm, addmm_, bmm): FlopCounterMode misses the in-place addmm_."""
+
+    PRODUCTS = {"mm", "addmm", "addmm_", "bmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.flop = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            a, b = (args[1], args[2]) if name.startswith("addmm") else (args[0], args[1])
+            self.flop += 2 * math.prod(a.shape) * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["logprobs", "grpo", "sft", "gal", "dypo", "kl", "sparse_kl"])
+def test_flop_of_every_op(backend, request, op):
+    """Losses 6NDV (their gradients formed in the forward), scoring under no_grad 2NDV, fused_linear_logprobs
+    with autograd 8NDV; the KL adds its teachers' projections. Counted where the products run as torch products
+    (the chunked impl)."""
+    if request.node.impl_name != "chunked":
+        pytest.skip("the fused impl's products run inside its Triton kernels")
+    ops, batch = every_op(backend)
+    loss_fn, tokens, teacher_flop = ops[op]
+    head = 2 * D * V
+    with ProductFlop() as forward:
+        loss = loss_fn()
+    with ProductFlop() as backward:
+        gradients(loss, batch)
+    with torch.no_grad(), ProductFlop() as scoring:
+        loss_fn()
+    if op == "logprobs":
+        assert (forward.flop, backward.flop) == (tokens * head, 3 * tokens * head)
+    else:
+        assert (forward.flop, backward.flop) == (tokens * (3 * head + teacher_flop), 0)
+    assert scoring.flop == tokens * (head + teacher_flop)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "grpo", "sft", "gal", "dypo", "kl", "sparse_kl"])
+def test_chunked_is_bitwise_deterministic(backend, request, op):
+    if request.node.impl_name != "chunked":
+        pytest.skip("the fused impl adds its tiles with atomics: not deterministic on a GPU")
+    results = []
+    for _ in range(2):
+        ops, batch = every_op(backend)
+        loss = ops[op][0]()
+        results.append([loss.detach(), *gradients(loss, batch)])
+    assert all(torch.equal(first, second) for first, second in zip(*results))
+
+
+@pytest.mark.parametrize("op", ["logprobs", "grpo", "sft", "gal", "dypo"])
+def test_chunked_and_fused_agree(backend, request, op, monkeypatch):
+    if request.node.backend_name != "triton" or request.node.impl_name != "chunked":
+        pytest.skip("both impls run on the Triton backend")
+    results = {}
+    for impl in ("chunked", "fused"):
+        monkeypatch.setenv("DYPO_KERNELS_IMPL", impl)
+        ops, batch = every_op(backend)
+        loss = ops[op][0]()
+        results[impl] = [loss.detach(), *gradients(loss, batch)]
+    for chunked, fused in zip(results["chunked"], results["fused"]):
+        assert torch.allclose(chunked, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_impl_and_chunk_bytes_are_checked(monkeypatch):
+    batch, _, _ = _inputs("cpu")
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
+    with pytest.raises(ValueError, match="impl must be one of 'chunked', 'fused'"):
+        fused_linear_logprobs(*args, impl="tiles")
+    with pytest.raises(ValueError, match="impl='fused'.*CUDA"):
+        fused_sft_loss(*args, impl="fused")
+    with pytest.raises(ValueError, match="no register-tile implementation"):
+        fused_sparse_teacher_kl(batch["hidden"], batch["weight"], [torch.zeros(B, T, 1, dtype=torch.long)],
+                                [torch.zeros(B, T, 1)], impl="fused")
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            fused_sft_loss(*args, chunk_bytes=bad)
+    monkeypatch.setenv("DYPO_KERNELS_IMPL", "tiles")
+    with pytest.raises(ValueError, match="DYPO_KERNELS_IMPL='tiles'"):
+        fused_linear_logprobs(*args)
+    monkeypatch.setenv("DYPO_KERNELS_IMPL", "chunked")
+    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", "lots")
+    with pytest.raises(ValueError, match="DYPO_KERNELS_CHUNK_BYTES='lots'"):
+        fused_linear_logprobs(*args)
+
+
+def test_chunk_bytes_bounds_the_chunk(monkeypatch):
+    """The keyword sets the rows per chunk: the products see chunks of budget / (bytes per logit * V) rows."""
+    from dypo_kernels import sweep
+
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
+    batch, _, _ = _inputs("cpu")
+    seen = []
+    chunk_logits = sweep.chunk_logits
+    monkeypatch.setattr(sweep, "chunk_logits", lambda hidden, *a, **k: seen.append(hidden.shape[0]) or
+                        chunk_logits(hidden, *a, **k))
+    fused_sft_loss(batch["hidden"], batch["weight"], batch["targets"], chunk_bytes=5 * 12 * V)
+    assert max(seen) == 5 and sum(seen) == int((batch["targets"] != -100).sum()) > 5

@@ -6,23 +6,15 @@ import torch
 
 from dypo_kernels.advantages import group_advantages
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal import chunked_gal_gradient, gal_coefficients, gal_loss, groups_with_pairs, sequence_logprobs
+from dypo_kernels.gal import consecutive_group_ids, gal_terms, groups_with_pairs, sequence_logprobs
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
-from dypo_kernels.linear_logprobs import fused_linear_logprobs
-from dypo_kernels.sweep import TokenTerms, chunk_capacity, select_tokens, sweep_loss, token_weights, \
-    whole_group_chunks
+from dypo_kernels.sweep import LogprobPass, TokenTerms, group_chunks, loss_chunks, select_impl, select_tokens, \
+    sweep_loss, token_weights
 from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
     check_tensor
 
-# Where a CPU chunk cannot hold a whole RL group, the GAL gradient is formed with coefficients c_i computed before the
-# sweep, from old_logps' sequence log-probs S. If the sweep's own S differ from those by more than this / beta_gal,
-# the old log-probs were not the current policy's and one more gradient pass adds the difference. Below it, as
-# |dc/dS| <= beta_gal^2 w / 4 for pair weight w, each coefficient is off by at most 2.5e-3 of its largest possible
-# size beta_gal w: bf16 rounding's size. The same log-probs give the same S bit for bit; fp32 noise in S (sums of
-# thousands of log-probs) stays below 1e-2.
-SEQUENCE_LOGPROB_TOL = 1e-2
 
 
 def _check_routes(route, ids, num_groups):
@@ -105,7 +97,7 @@ def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, batch_totals=None,
-              return_metrics=False):
+              return_metrics=False, impl=None, chunk_bytes=None):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
@@ -175,11 +167,12 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
                         use_bias_correction_kl=use_bias_correction_kl)
     check_temperature(temperature)
     backend = select_backend(device)
+    impl = select_impl(impl, backend, device)
 
     mask = mask.bool()
     rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
     rl_rows = rl_rows[torch.argsort(ids[rl_rows], stable=True)]  # each group's rows together
-    rl_group = torch.unique(ids[rl_rows], return_inverse=True)[1]
+    rl_group = consecutive_group_ids(ids[rl_rows])
     rl_rewards = rewards[rl_rows].float()
     gal_fraction = 1.0  # of the whole batch's groups with a GAL pair that are here
     if batch_totals is None:
@@ -190,20 +183,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         prompts = max(batch_totals.prompts_rl + batch_totals.prompts_sft, 1)
         share_rl, share_sft = batch_totals.prompts_rl / prompts, batch_totals.prompts_sft / prompts
         gal_fraction = here.gal_groups / batch_totals.gal_groups if batch_totals.gal_groups else 0.0
-    gal_scale = share_rl * (1 - alpha) * gal_fraction
-    with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # its metrics even where this part has no pair
-    with_gal_gradient = with_gal and gal_scale > 0 and beta_gal > 0 and torch.is_grad_enabled()  # beta_gal = 0: log 2
-    chunks = None
-    if with_gal_gradient:  # chunks of whole RL groups (then the SFT tokens) compute their own GAL coefficients
-        num_rl_groups = int(rl_group[-1]) + 1
-        tokens_per_group = torch.zeros(num_rl_groups, dtype=torch.long, device=device).index_add_(
-            0, rl_group, mask[rl_rows].sum(-1)).tolist()
-        chunks = whole_group_chunks(tokens_per_group, chunk_capacity(backend, weight.shape[0]),
-                                    free_tokens=int(mask[sft_rows].sum()))
-    if chunks is None:
-        kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask & (is_rl | is_sft)[:, None])
-    else:
-        kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, torch.cat([rl_rows, sft_rows]))
+    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, torch.cat([rl_rows, sft_rows]))
     token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
     sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft, batch_totals, "sft")
@@ -223,69 +203,31 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         terms.ref_logps = torch.where(token_rl, ref_logps.detach().float().reshape(-1)[kept], 0.0)
         terms.kl_weight = beta_kl * terms.pg_weight
         terms.kl_importance_weighted = use_bias_correction_kl
-    rl_mask = mask[rl_rows].float()
-    ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], rl_mask, False)
-    num_sweeps = 1
-
-    def coefficients(seq_logps):
-        return gal_coefficients(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps, group_index=rl_group,
-                                beta=beta_gal)
-
-    def per_token(per_sequence):
-        values = torch.zeros(sequence.shape, dtype=torch.float32, device=device)
-        values[token_rl] = per_sequence[rl_rank[sequence[token_rl]]]
-        return values
-
-    if chunks is not None:
-        terms.chunks = [chunk[:2] for chunk in chunks]
-        terms.group_gradient = chunked_gal_gradient(
-            chunks, torch.where(token_rl, rl_rank[sequence], -1), rl_group, rl_rewards, ref_seq_logps=ref_seq_logps,
-            beta=beta_gal, pair_groups=groups_with_pairs(rl_rewards, rl_group), scale=gal_scale)
-    elif with_gal_gradient:
-        if old_logps is not None:
-            used_seq_logps = sequence_logprobs(old_logps.detach()[rl_rows], rl_mask, False)
-        else:  # the current S_i from a pass without gradients
-            with torch.no_grad():
-                rl_targets = targets[rl_rows].masked_fill(~mask[rl_rows], -1)
-                token_logps = fused_linear_logprobs(hidden.detach()[rl_rows], weight.detach(), rl_targets,
-                                                    bias=None if bias is None else bias.detach(),
-                                                    temperature=temperature, ignore_index=-1)
-            used_seq_logps = sequence_logprobs(token_logps, rl_mask, False)
-            num_sweeps += 1
-        used_coefficients = coefficients(used_seq_logps)
-        terms.seq_coef = gal_scale * per_token(used_coefficients)
-    outcome = {}
-
-    def finish(result):
-        nonlocal num_sweeps
-        loss, correction = result.value.sum(), None
-        if with_gal:  # summed exactly as old_logps' were, so that the same log-probs give the same bits
-            token_logps = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put_(
-                (kept,), result.logps).view(targets.shape)
-            seq_logps = sequence_logprobs(token_logps[rl_rows], rl_mask, False)
-            gal_value, outcome["gal_metrics"] = gal_loss(seq_logps, rl_rewards, ref_seq_logps=ref_seq_logps,
-                                                         group_index=rl_group, beta=beta_gal, return_metrics=True)
-            loss = loss + gal_scale * gal_value
-            outcome["loss_gal"] = gal_value * gal_fraction
-        if with_gal_gradient and chunks is None:
-            drift = (seq_logps - used_seq_logps).abs().max()
-            if not bool(drift * beta_gal <= SEQUENCE_LOGPROB_TOL):  # NaN drift corrects too
-                correction = gal_scale * per_token(coefficients(seq_logps) - used_coefficients)
-                num_sweeps += 1
-        outcome["result"] = result
-        return loss, correction
-
-    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
+    gal = None
+    if share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0:  # GAL's metrics even where this part has no pair
+        ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], mask[rl_rows],
+                                                                         False)
+        gal, tokens_per_group, sequences_per_group = gal_terms(
+            rl_group, mask[rl_rows].sum(-1), kept.shape[0], rewards=rl_rewards, ref_seq_logps=ref_seq_logps,
+            beta=beta_gal, scale=share_rl * (1 - alpha) * gal_fraction)
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, gal=gal)
+    if gal is None:
+        chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
+    else:  # chunks of whole RL groups, then the SFT tokens: each computes its groups' GAL coefficients
+        chunks = group_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes, tokens_per_group, sequences_per_group,
+                              free_tokens=kept.shape[0] - sum(tokens_per_group))
+    loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
     if not return_metrics:
         return loss
-    result = outcome["result"]
-    policy_loss = result.parts["policy_loss"]
+    policy_loss = op_pass.parts["policy_loss"]
     if beta_kl > 0:
-        policy_loss = policy_loss + beta_kl * result.parts["kl"]
-    metrics = {"loss_sft": -torch.where(token_sft, sft_weights * result.logps, 0.0).sum(),
+        policy_loss = policy_loss + beta_kl * op_pass.parts["kl"]
+    metrics = {"loss_sft": -torch.where(token_sft, sft_weights * op_pass.logps, 0.0).sum(),
                "loss_grpo": torch.where(token_rl, rl_weights * policy_loss, 0.0).sum(),
-               "loss_gal": outcome.get("loss_gal", torch.zeros((), device=device)),
+               "loss_gal": torch.zeros((), device=device),
                "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_tokens_rl": token_rl.sum(),
-               "num_sweeps": num_sweeps,
-               **policy_metrics(result, tokens=token_rl), **outcome.get("gal_metrics", {})}
+               **policy_metrics(op_pass, tokens=token_rl)}
+    if gal is not None:
+        gal_value, gal_metrics = gal.loss_and_metrics()
+        metrics.update(loss_gal=gal_value.detach() * gal_fraction, **gal_metrics)
     return loss, metrics

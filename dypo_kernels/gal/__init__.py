@@ -1,32 +1,70 @@
 """DYPO's group alignment loss: gal_loss on sequence log-probs, its per-sequence coefficients, and fused_gal_loss
 from hidden states."""
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.groups import group_ids
-from dypo_kernels.linear_logprobs import fused_linear_logprobs
-from dypo_kernels.sweep import TokenTerms, chunk_capacity, select_tokens, sweep_loss, whole_group_chunks
+from dypo_kernels.sweep import LogprobPass, group_chunks, select_impl, select_tokens, sweep_loss
 from dypo_kernels.validation import check_number, check_per_sequence, check_same_device, check_sequence_batch, \
     check_temperature, check_tensor
 
 
-def _padded_groups(ids, num_groups, group_size):
-    """(order, slot): row order[j] goes to [group, slot[j]] of a [G, K] padded layout; K the largest group."""
+def group_layout(ids, num_groups):
+    """(slot [B], width): each row's position within its group (ids 0..G-1, any order) and the largest group's
+    size, which shapes the padded [G, K] layout of the pairs. One host sync (the width)."""
     rows = torch.arange(ids.shape[0], device=ids.device)
-    if group_size is not None:
-        return rows, rows % group_size, group_size
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids, minlength=num_groups)
-    starts = counts.cumsum(0) - counts
-    slot = rows - starts[ids[order]]
-    return order, slot, int(counts.max()) if counts.numel() else 0
+    slot = torch.empty_like(ids)
+    slot[order] = rows - (counts.cumsum(0) - counts)[ids[order]]
+    return slot, int(counts.max()) if counts.numel() else 0
 
 
-def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
-    """Pairwise margins d [G, K, K] (row s minus row f), the pair mask (same group, R_s > R_f) and the
-    padded layout, for the inputs checked and grouped."""
+def _pair_terms(seq_logps, rewards, ref_seq_logps, group, slot, num_groups, width):
+    """Pairwise margins d [G, K, K] (row s minus row f) and the pair mask (same group, R_s > R_f), unchecked, for
+    sequences at (group, slot) of a padded [G, K] layout."""
+    margins = seq_logps.float() if ref_seq_logps is None else seq_logps.float() - ref_seq_logps.float()
+    padded_margin = margins.new_zeros(num_groups, width).index_put((group, slot), margins)
+    padded_reward = margins.new_full((num_groups, width), float("-inf")).index_put((group, slot), rewards.float())
+    present = torch.zeros(num_groups, width, dtype=torch.bool, device=group.device).index_put(
+        (group, slot), torch.ones_like(slot, dtype=torch.bool))
+    is_pair = present[:, :, None] & present[:, None, :] & (padded_reward[:, :, None] > padded_reward[:, None, :])
+    return padded_margin[:, :, None] - padded_margin[:, None, :], is_pair
+
+
+def _pair_weights(is_pair, pair_groups=None):
+    """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair. ``pair_groups`` (an int
+    or a 0-dim tensor) replaces the count of groups with pairs when the groups are a part of a batch."""
+    pairs_per_group = is_pair.sum((1, 2)).float()
+    if pair_groups is None:
+        pair_groups = (pairs_per_group > 0).sum()
+    return is_pair / (pairs_per_group.clamp(min=1) * torch.as_tensor(pair_groups).clamp(min=1))[:, None, None]
+
+
+def _loss_and_metrics(difference, is_pair, beta, pair_groups=None):
+    pair_loss = torch.where(is_pair, -F.logsigmoid(beta * difference), 0.0)
+    loss = (pair_loss * _pair_weights(is_pair, pair_groups)).sum()
+    num_pairs = is_pair.sum()
+    with torch.no_grad():
+        metrics = {"num_pairs": num_pairs,
+                   "pair_accuracy": (is_pair & (difference > 0)).sum() / num_pairs.clamp(min=1),
+                   "mean_margin": torch.where(is_pair, difference, 0.0).sum() / num_pairs.clamp(min=1)}
+    return loss, metrics
+
+
+def _coefficients(difference, is_pair, beta, pair_groups, group, slot):
+    """c_i of every sequence at (group, slot): minus its pulls as the successful s, plus as the failed f."""
+    pull = _pair_weights(is_pair, pair_groups) * beta * torch.sigmoid(-beta * difference)
+    return (pull.sum(1) - pull.sum(2))[group, slot]
+
+
+def _checked_pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
+    """The public functions' checks, then the pairs of their inputs."""
     check_tensor("seq_logps", seq_logps, dims=(1,))
     check_tensor("rewards", rewards, dims=(1,))
     if ref_seq_logps is not None:
@@ -35,29 +73,12 @@ def _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):
         if value is not None and value.shape != seq_logps.shape:
             raise ValueError(f"{name} {tuple(value.shape)} must match seq_logps {tuple(seq_logps.shape)}")
     check_same_device(seq_logps=seq_logps, rewards=rewards, ref_seq_logps=ref_seq_logps, group_index=group_index)
-    if not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    check_number("beta", beta, low=0)
     if rewards.numel() and not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite; found NaN or inf")
     ids, num_groups = group_ids(seq_logps.shape[0], seq_logps.device, group_size, group_index)
-    order, slot, width = _padded_groups(ids, num_groups, group_size)
-    margins = seq_logps.float() if ref_seq_logps is None else seq_logps.float() - ref_seq_logps.float()
-    padded_margin = margins.new_zeros(num_groups, width).index_put((ids[order], slot), margins[order])
-    padded_reward = rewards.new_full((num_groups, width), float("-inf"), dtype=torch.float32).index_put(
-        (ids[order], slot), rewards[order].float())
-    present = torch.zeros(num_groups, width, dtype=torch.bool, device=ids.device).index_put(
-        (ids[order], slot), torch.ones_like(slot, dtype=torch.bool))
-    is_pair = present[:, :, None] & present[:, None, :] & (padded_reward[:, :, None] > padded_reward[:, None, :])
-    difference = padded_margin[:, :, None] - padded_margin[:, None, :]
-    return difference, is_pair, (ids, order, slot)
-
-
-def _group_weights(is_pair, pair_groups=None):
-    """1 / (pairs in the group * groups with pairs), per pair; 0 where there is no pair. ``pair_groups`` replaces
-    the count of groups with pairs when the groups are a part of a batch."""
-    pairs_per_group = is_pair.sum((1, 2)).float()
-    pair_groups = (pairs_per_group > 0).sum().clamp(min=1) if pair_groups is None else max(pair_groups, 1)
-    return is_pair / (pairs_per_group.clamp(min=1) * pair_groups)[:, None, None]
+    slot, width = group_layout(ids, num_groups)
+    return _pair_terms(seq_logps, rewards, ref_seq_logps, ids, slot, num_groups, width), ids, slot
 
 
 def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
@@ -81,17 +102,9 @@ def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_i
     Returns:
         fp32 scalar loss (and the metrics dict). Cost: O(B * K) memory and work for groups of at most K rows.
     """
-    difference, is_pair, _ = _pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta)
-    pair_loss = torch.where(is_pair, -F.logsigmoid(beta * difference), 0.0)
-    loss = (pair_loss * _group_weights(is_pair)).sum()
-    if not return_metrics:
-        return loss
-    num_pairs = is_pair.sum()
-    with torch.no_grad():
-        metrics = {"num_pairs": num_pairs,
-                   "pair_accuracy": (is_pair & (difference > 0)).sum() / num_pairs.clamp(min=1),
-                   "mean_margin": torch.where(is_pair, difference, 0.0).sum() / num_pairs.clamp(min=1)}
-    return loss, metrics
+    (difference, is_pair), _, _ = _checked_pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta)
+    loss, metrics = _loss_and_metrics(difference, is_pair, beta)
+    return (loss, metrics) if return_metrics else loss
 
 
 def _has_pair(rewards, ids, num_groups):
@@ -122,48 +135,63 @@ def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None,
     (None: those counted here).
     """
     with torch.no_grad():
-        difference, is_pair, (ids, order, slot) = _pairs(seq_logps.detach(), rewards, ref_seq_logps,
-                                                         group_size, group_index, beta)
-        pull = _group_weights(is_pair, pair_groups) * beta * torch.sigmoid(-beta * difference)
-        padded = pull.sum(2) * -1.0 + pull.sum(1)  # [G, K]: as the successful s, minus; as the failed f, plus
-        coefficients = torch.empty_like(seq_logps, dtype=torch.float32)
-        coefficients[order] = padded[ids[order], slot]
-        return coefficients
+        (difference, is_pair), ids, slot = _checked_pairs(seq_logps.detach(), rewards, ref_seq_logps, group_size,
+                                                          group_index, beta)
+        return _coefficients(difference, is_pair, beta, pair_groups, ids, slot).float()
 
 
-def chunked_gal_gradient(chunks, token_row, group, rewards, *, ref_seq_logps=None, beta=1.0, pair_groups,
-                         scale=1.0, divisor=None, seq_logps=None):
-    """TokenTerms.group_gradient of GAL, for S sequences ordered group by group: ``group`` ``[S]`` their group ids
-    0..G-1 (non-decreasing), ``token_row`` ``[N]`` each kept token's sequence 0..S-1 (-1: a token outside GAL),
-    ``chunks`` from whole_group_chunks over the N tokens. For the tokens of a chunk (or of all rows, Triton's call):
-    scale * c_i / divisor_i, with c_i (gal_coefficients, over the whole batch's ``pair_groups``) from the chunk's own
-    S_i = (sum of the tokens' log-probs) / divisor_i, which also go into ``seq_logps`` when given."""
-    num_rows = group.shape[0]
-    divisor = torch.ones(num_rows, device=group.device) if divisor is None else divisor
-    first_row = [0] + torch.bincount(group).cumsum(0).tolist()
-    rows_of_chunk = {(start, stop): (first_row[first], first_row[last]) for start, stop, first, last in chunks}
-    rows_of_chunk[(0, token_row.shape[0])] = (0, num_rows)
+@dataclass
+class GalTerms:
+    """GAL's part of a sweep (LogprobPass.gal): S sequences ordered group by group, ``group`` [S] their group ids
+    0..G-1 (non-decreasing), ``slot`` [S] their positions in their groups (largest: ``width``), ``token_sequence``
+    [N] each kept token's sequence 0..S-1 (-1: a token outside GAL). For a chunk holding whole groups, ``gradient``
+    gives its tokens' scale * c_i / divisor_i, with c_i (gal_coefficients) from the chunk's own sequence log-probs
+    S_i = (sum of its tokens' log-probs) / divisor_i, which it stores in ``seq_logps``. ``pair_groups``: the groups
+    with a pair among the S sequences (a 0-dim tensor: no host sync)."""
 
-    def group_gradient(tokens, logps):
-        gradient = torch.zeros_like(logps)
-        first, last = rows_of_chunk[(tokens.start, tokens.stop)]
+    token_sequence: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
+    num_groups: int
+    width: int
+    rewards: torch.Tensor
+    ref_seq_logps: Optional[torch.Tensor]
+    beta: float
+    scale: float = 1.0
+    divisor: Optional[torch.Tensor] = None
+    seq_logps: Optional[torch.Tensor] = None
+    pair_groups: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        self.seq_logps = torch.zeros(self.group.shape, dtype=torch.float32, device=self.group.device)
+        self.pair_groups = _has_pair(self.rewards, self.group, self.num_groups).sum()
+
+    def gradient(self, chunk, logps):
+        first, last = chunk.first_sequence, chunk.last_sequence
         if first == last:  # a chunk of tokens outside GAL only
-            return gradient
-        row = token_row[tokens]
+            return torch.zeros_like(logps)
+        row = self.token_sequence[chunk.rows]
         inside = row >= 0
-        row = row[inside] - first
-        chunk_seq_logps = torch.zeros(last - first, device=logps.device).index_add_(0, row, logps[inside]) / \
-            divisor[first:last]
-        if seq_logps is not None:
-            seq_logps[first:last] = chunk_seq_logps
-        coefficients = gal_coefficients(
-            chunk_seq_logps, rewards[first:last], group_index=group[first:last] - group[first],
-            ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps[first:last], beta=beta,
-            pair_groups=pair_groups)
-        gradient[inside] = (scale * coefficients / divisor[first:last])[row]
-        return gradient
+        local = torch.where(inside, row - first, 0)
+        seq_logps = torch.zeros(last - first, dtype=torch.float32, device=logps.device).index_add_(
+            0, local, torch.where(inside, logps, 0.0))
+        if self.divisor is not None:
+            seq_logps = seq_logps / self.divisor[first:last]
+        self.seq_logps[first:last] = seq_logps
+        group, slot = self.group[first:last] - chunk.first_group, self.slot[first:last]
+        difference, is_pair = _pair_terms(seq_logps, self.rewards[first:last],
+                                          None if self.ref_seq_logps is None else self.ref_seq_logps[first:last],
+                                          group, slot, chunk.last_group - chunk.first_group, self.width)
+        coefficients = self.scale * _coefficients(difference, is_pair, self.beta, self.pair_groups, group, slot)
+        if self.divisor is not None:
+            coefficients = coefficients / self.divisor[first:last]
+        return torch.where(inside, coefficients[local], 0.0)
 
-    return group_gradient
+    def loss_and_metrics(self):
+        """gal_loss of ``seq_logps`` (not scaled) and its metrics, once the sweep has filled them."""
+        difference, is_pair = _pair_terms(self.seq_logps, self.rewards, self.ref_seq_logps, self.group, self.slot,
+                                          self.num_groups, self.width)
+        return _loss_and_metrics(difference, is_pair, self.beta)
 
 
 def sequence_logprobs(token_logps, mask, average):
@@ -173,9 +201,33 @@ def sequence_logprobs(token_logps, mask, average):
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
+def consecutive_group_ids(ids):
+    """Ids 0..G'-1 for rows whose group ids ``ids`` come group by group (each group's rows together)."""
+    if not ids.numel():
+        return ids
+    return torch.cat([ids.new_zeros(1), (ids[1:] != ids[:-1]).long()]).cumsum(0)
+
+
+def gal_terms(group, lengths, num_tokens, **gal):
+    """GalTerms for S sequences ordered group by group (``group`` [S] ids 0..G-1 non-decreasing, ``lengths`` [S]
+    their kept tokens, which come first among the pass's ``num_tokens``; the rest lie outside GAL), and the host
+    lists (tokens per group, sequences per group) that plan the sweep's chunks. One host sync."""
+    device = group.device
+    sequences = torch.bincount(group) if group.numel() else group.new_zeros(0)
+    tokens = torch.zeros_like(sequences).index_add_(0, group, lengths.long())
+    tokens_per_group, sequences_per_group = torch.stack([tokens, sequences]).tolist()
+    token_sequence = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+    gal_tokens = sum(tokens_per_group)
+    token_sequence[:gal_tokens] = torch.repeat_interleave(torch.arange(group.shape[0], device=device), lengths,
+                                                          output_size=gal_tokens)
+    slot = torch.arange(group.shape[0], device=device) - (sequences.cumsum(0) - sequences)[group]
+    terms = GalTerms(token_sequence, group, slot, len(tokens_per_group), max(sequences_per_group, default=0), **gal)
+    return terms, tokens_per_group, sequences_per_group
+
+
 def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_index=None, mask=None, ref_logps=None,
                    ref_seq_logps=None, beta=1.0, average_log_prob=False, bias=None, temperature=1.0,
-                   return_metrics=False):
+                   return_metrics=False, impl=None, chunk_bytes=None):
     """Group alignment loss (DYPO paper eq. 14-15) from hidden states, never building the logits: gal_loss on
     S_i = sum_t mask_i,t lp_i,t (the mean with ``average_log_prob``), lp the token log-probs of fused_linear_logprobs.
 
@@ -206,46 +258,22 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     check_number("beta", beta, low=0)
     check_temperature(temperature)
     ids, num_groups = group_ids(hidden.shape[0], hidden.device, group_size, group_index)
-    backend = select_backend(hidden.device)
-
     device = hidden.device
+    backend = select_backend(device)
+    impl = select_impl(impl, backend, device)
+
     mask = torch.ones(targets.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
     if ref_logps is not None:
         ref_seq_logps = sequence_logprobs(ref_logps.detach(), mask, average_log_prob)
     order = torch.arange(ids.shape[0], device=device) if group_size is not None else torch.argsort(ids, stable=True)
     rows = order[_has_pair(rewards, ids, num_groups)[ids[order]]]  # the groups with pairs, each group's rows together
-    pair_group = torch.unique_consecutive(ids[rows], return_inverse=True)[1]
-    used = dict(rewards=rewards[rows].float(), group_index=pair_group, beta=beta,
-                ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps.detach()[rows].float())
     lengths = mask[rows].sum(-1)
-    num_pair_groups = int(pair_group[-1]) + 1 if rows.numel() else 0
-    tokens_per_group = torch.zeros(num_pair_groups, dtype=torch.long, device=device).index_add_(
-        0, pair_group, lengths).tolist()
-    chunks = whole_group_chunks(tokens_per_group, chunk_capacity(backend, weight.shape[0]))
-
-    if chunks is None:  # the log-probs of every row, then gal_loss's gradient through them
-        in_pair_group = torch.zeros(hidden.shape[0], dtype=torch.bool, device=device).index_fill_(0, rows, True)
-        used_targets = targets.masked_fill(~(mask & in_pair_group[:, None]), -1)
-        token_logps = fused_linear_logprobs(hidden, weight, used_targets, bias=bias, temperature=temperature,
-                                            ignore_index=-1)
-        seq_logps = sequence_logprobs(token_logps[rows], mask[rows], average_log_prob)
-        loss, metrics = gal_loss(seq_logps, return_metrics=True, **used)
-        return (loss, {**metrics, "num_sweeps": 2 if torch.is_grad_enabled() else 1}) if return_metrics else loss
-
     _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, rows)
-    token_row = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lengths)  # position in rows
-    seq_logps = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
-    group_gradient = chunked_gal_gradient(
-        chunks, token_row, pair_group, used["rewards"], ref_seq_logps=used["ref_seq_logps"], beta=beta,
-        pair_groups=num_pair_groups, divisor=lengths.clamp(min=1).float() if average_log_prob else None,
-        seq_logps=seq_logps)
-    terms = TokenTerms(group_gradient=group_gradient, chunks=[chunk[:2] for chunk in chunks])
-    outcome = {}
-
-    def finish(result):
-        loss, outcome["metrics"] = gal_loss(seq_logps, return_metrics=True, **used)
-        return loss, None
-
-    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
-    return (loss, {**outcome["metrics"], "num_sweeps": 1}) if return_metrics else loss
-
+    gal, tokens_per_group, sequences_per_group = gal_terms(
+        consecutive_group_ids(ids[rows]), lengths, kept_hidden.shape[0], rewards=rewards[rows].float(), beta=beta,
+        ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps.detach()[rows].float(),
+        divisor=lengths.clamp(min=1).float() if average_log_prob else None)
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, gal=gal)
+    chunks = group_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes, tokens_per_group, sequences_per_group)
+    loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
+    return (loss, gal.loss_and_metrics()[1]) if return_metrics else loss

@@ -3,7 +3,8 @@
 import torch
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import LOSS_TYPES, TokenTerms, select_tokens, sweep_loss, token_mean, token_weights
+from dypo_kernels.sweep import LOSS_TYPES, LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss, \
+    token_mean, token_weights
 from dypo_kernels.validation import check_choice, check_number, check_per_sequence, check_sequence_batch, \
     check_temperature, check_tensor
 
@@ -19,22 +20,22 @@ def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name
         raise ValueError(f"{beta_name}={beta} > 0 needs ref_logps (the reference model's token log-probs)")
 
 
-def policy_metrics(result, tokens=None):
-    """Detached token means (over ``tokens``, a bool [N], or all) of the sweep's GRPO diagnostics."""
+def policy_metrics(op_pass, tokens=None):
+    """Detached token means (over ``tokens``, a bool [N], or all) of a sweep's GRPO diagnostics."""
     def mean(values):
         return token_mean(values if tokens is None else values[tokens])
 
-    metrics = {"clip_fraction_low": mean(result.parts["clipped_low"]),
-               "clip_fraction_high": mean(result.parts["clipped_high"]),
-               "mean_ratio": mean(result.parts["ratio"]), "mean_entropy": mean(result.entropy)}
-    if "kl" in result.parts:
-        metrics["mean_kl"] = mean(result.parts["kl"])
+    parts = op_pass.parts
+    metrics = {"clip_fraction_low": mean(parts["clipped_low"]), "clip_fraction_high": mean(parts["clipped_high"]),
+               "mean_ratio": mean(parts["ratio"]), "mean_entropy": mean(op_pass.entropy)}
+    if "kl" in parts:
+        metrics["mean_kl"] = mean(parts["kl"])
     return metrics
 
 
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
-                    use_bias_correction_kl=False, return_metrics=False):
+                    use_bias_correction_kl=False, return_metrics=False, impl=None, chunk_bytes=None):
     """Clipped policy-gradient loss of GRPO (DYPO paper eq. 2-3; DAPO's clip-higher with ``eps_high``), never
     building the logits.
 
@@ -78,6 +79,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
     backend = select_backend(hidden.device)
+    impl = select_impl(impl, backend, hidden.device)
 
     mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask)
@@ -90,13 +92,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         terms.ref_logps = ref_logps.detach().float().reshape(-1)[kept]
         terms.kl_weight = beta * weights
         terms.kl_importance_weighted = use_bias_correction_kl
-    outcome = {}
-
-    def finish(result):
-        outcome["result"] = result
-        return result.value.sum(), None
-
-    loss = sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms, finish)
-    if not return_metrics:
-        return loss
-    return loss, policy_metrics(outcome["result"])
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms)
+    loss = sweep_loss(kept_hidden, weight, bias, op_pass,
+                      loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes), impl)
+    return (loss, policy_metrics(op_pass)) if return_metrics else loss

@@ -2,135 +2,77 @@
 chunk by chunk, never holding an N x V tensor of the student or of any teacher."""
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
+from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, select_impl, sweep_loss
+from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
 from dypo_kernels.validation import check_choice, check_linear_head, check_number, check_same_device, \
     check_temperature, check_tensor
 
-# All m + 1 logits chunks of one step together take at most this much (fp32); the pass adds a few more of them.
-CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 512 * 2**20}
+@dataclass
+class DenseTeachersPass:
+    """The vocabulary pass of fused_multi_teacher_kl: per chunk, each teacher's logits for the chunk's rows (one
+    product each, ``teachers`` = (hidden rows [N, D_i], weight operand [V, D_i], bias or None)), then the divergence
+    and the student's logit gradient (the backend's divergence pass), scaled by ``loss_scale`` / T. Output: each
+    row's divergence ``values`` [N]."""
+
+    teachers: List[tuple]
+    coefs: List[float]
+    divergence: str
+    jsd_beta: float
+    aggregate: str
+    inv_temperature: float
+    backend: str
+    loss_scale: float
+    values: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        count = self.teachers[0][0].shape[0]
+        self.values = torch.zeros(count, dtype=torch.float32, device=self.teachers[0][0].device)
+
+    def bytes_per_logit(self, ws_dtype):
+        """The m + 1 fp32 logits chunks, the workspace when separate, the torch pass's temporaries (about 3)."""
+        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
+        return 4 * (len(self.teachers) + 1) + separate + (12 if self.backend != "triton" else 0)
+
+    def chunk(self, chunk, logits, workspace):
+        teacher_logits = torch.empty((len(self.teachers), *logits.shape), dtype=torch.float32, device=logits.device)
+        for i, (hidden, weight, bias) in enumerate(self.teachers):
+            chunk_logits(hidden[chunk.rows], weight, bias, self.inv_temperature, out=teacher_logits[i])
+        out = logits if workspace is None else workspace
+        self.values[chunk.rows] = divergence_pass(logits, teacher_logits, self.coefs, self.divergence, self.jsd_beta,
+                                                  self.aggregate, self.loss_scale * self.inv_temperature, out,
+                                                  self.backend)
+        return workspace
+
+    def total(self):
+        return self.values.sum() * self.loss_scale
 
 
-def _rows_per_chunk(device, vocab_size, num_teachers):
-    return max(1, CHUNK_BYTES[device.type] // (4 * vocab_size * (num_teachers + 1)))
-
-
-def _matmul_operand(tensor):
-    """CPU products run in fp32; CUDA ones in the inputs' dtype (tensor cores, fp32 accumulation)."""
-    return tensor if tensor.device.type == "cuda" else tensor.float()
-
-
-def _fp32_product(a, b):
-    """a @ b with an fp32 result. For 16-bit CUDA operands, torch.mm's out_dtype (torch >= 2.8) keeps the fp32
-    accumulator instead of rounding the product to 16 bits; older torch rounds, then widens."""
-    if a.dtype == torch.float32:
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return (a @ b).float()
-
-
-def _chunk_logits(hidden, weight, bias, inv_temperature, out=None):
-    """fp32 [rows, V] logits / T (into ``out`` if given), for ``weight`` already a matmul operand."""
-    hidden = _matmul_operand(hidden)
-    if out is not None and hidden.dtype == torch.float32:
-        logits = torch.matmul(hidden, weight.T, out=out)
-    else:
-        logits = _fp32_product(hidden, weight.T)
-        logits = logits if out is None else out.copy_(logits)
-    if bias is not None:
-        logits += bias.float()
-    return logits.mul_(inv_temperature)
-
-
-def _divergence_pass(backend):
+def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale, out, backend):
+    """Each row's divergence [rows]; ``out`` (fp32, bf16 or fp16 [rows, V]; may be ``student``) receives grad_scale
+    times its gradient with respect to the student's logits, subnormal entries as 0."""
     if backend == "triton":
         from dypo_kernels.multi_teacher_kl import triton_kernels
 
-        return triton_kernels.divergence_pass
-    return torch_pass.divergence_pass
+        return triton_kernels.divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale,
+                                              out)
+    value, gradient = torch_pass.divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate)
+    gradient.mul_(grad_scale).masked_fill_(gradient.abs() < SMALLEST_NORMAL, 0.0)
+    out.copy_(gradient)
+    return value
 
 
-def dense_teachers_pass(teachers, coefs, settings, backend):
-    """The chunk pass of fused_multi_teacher_kl: each teacher's logits for the chunk's rows, then the divergence."""
-    divergence, jsd_beta, aggregate, inv_temperature = settings
-    divergence_pass = _divergence_pass(backend)
-    teachers = [(h, _matmul_operand(w), b) for h, w, b in teachers]
-
-    def chunk_pass(rows, student_logits):
-        teacher_logits = torch.empty((len(teachers), *student_logits.shape), dtype=torch.float32,
-                                     device=student_logits.device)
-        for i, (hidden, weight, bias) in enumerate(teachers):
-            _chunk_logits(hidden[rows], weight, bias, inv_temperature, out=teacher_logits[i])
-        return divergence_pass(student_logits, teacher_logits, coefs, divergence, jsd_beta, aggregate)
-
-    return chunk_pass
-
-
-def _sweep(student_hidden, student_weight, student_bias, inv_temperature, chunk_pass, buffers_per_row,
-           needs_input_grad):
-    """Value sum over rows of the per-token divergence, and the fp32 gradients of that sum (hidden, weight, bias).
-
-    One sweep over the vocabulary: per chunk of rows, the student's logits, then ``chunk_pass(rows, logits)``, which
-    gives each row's divergence and the gradient with respect to the logits, then the gradient's products with W
-    and h. ``buffers_per_row``: how many V-long fp32 rows the pass holds per row (sizes the chunk)."""
-    needs_hidden, needs_weight, needs_bias = needs_input_grad
-    count = student_hidden.shape[0]
-    device = student_hidden.device
-    values = torch.zeros(count, dtype=torch.float32, device=device)
-    grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if needs_hidden else None
-    grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if needs_weight else None
-    grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
-    student_operand = _matmul_operand(student_weight)
-    step = _rows_per_chunk(device, student_weight.shape[0], buffers_per_row - 1)
-    for start in range(0, count, step):
-        rows = slice(start, start + step)
-        hidden_chunk = student_hidden[rows]
-        student_logits = _chunk_logits(hidden_chunk, student_operand, student_bias, inv_temperature)
-        values[rows], grad_logits = chunk_pass(rows, student_logits)
-        del student_logits
-        grad_logits = grad_logits.mul_(inv_temperature).to(student_operand.dtype)  # d/d raw logits: a further 1/T
-        if needs_hidden:
-            grad_hidden[rows] = grad_logits @ student_operand
-        if needs_weight:
-            if grad_logits.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, _matmul_operand(hidden_chunk))
-            else:
-                grad_weight += _fp32_product(grad_logits.T, hidden_chunk)
-        if needs_bias:
-            grad_bias += grad_logits.float().sum(0)
-        del grad_logits  # one chunk's buffers alive at a time
-    return values, (grad_hidden, grad_weight, grad_bias)
-
-
-class MultiTeacherKLFunction(torch.autograd.Function):
-    """Mean over the kept rows of the per-token divergence; the teachers are constants. Gradients are computed in
-    the forward (when ``grad_enabled``) and scaled in the backward."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, inv_temperature, chunk_pass, buffers_per_row,
-                loss_scale, grad_enabled):
-        needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
-        values, grads = _sweep(student_hidden, student_weight, student_bias, inv_temperature, chunk_pass,
-                               buffers_per_row, needs)
-        ctx.save_for_backward(*(None if g is None else g.mul_(loss_scale) for g in grads))
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias))
-        ctx.mark_non_differentiable(values)
-        return values.sum() * loss_scale, values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_values):
-        grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors,
-                                                                                        ctx.dtypes))
-        return (*grads, None, None, None, None, None)
+def teacher_operands(teachers):
+    """(hidden rows, weight operand, fp32 bias) of each teacher, frozen."""
+    return [(hidden, operand(weight.detach()), None if bias is None else bias.detach().float())
+            for hidden, weight, bias in teachers]
 
 
 def check_teacher_lists(**lists):
@@ -187,7 +129,7 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,
                            teacher_coefs=None, divergence="forward_kl", jsd_beta=0.5, aggregate="mixture",
                            temperature=1.0, scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,
-                           return_metrics=False):
+                           return_metrics=False, impl=None, chunk_bytes=None):
     """Divergence of the student's next-token distribution from m teachers', over the whole vocabulary, mean over
     the unmasked tokens, never building an N x V tensor.
 
@@ -240,6 +182,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
                       **{f"teacher_weights[{i}]": w for i, w in enumerate(teacher_weights)},
                       **{f"teacher_biases[{i}]": b for i, b in enumerate(biases)})
     backend = select_backend(student_hidden.device)
+    impl = select_impl(impl, backend, student_hidden.device, has_fused=False)
     used = [i for i, c in enumerate(coefs) if c > 0]
     coefs = [coefs[i] for i in used]
 
@@ -257,12 +200,11 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
                          None if bias is None else bias.detach()))
     count = kept_student.shape[0]
     loss_scale = (temperature**2 if scale_by_temperature_sq else 1.0) / max(count, 1)
-    settings = (divergence, float(jsd_beta), aggregate, 1.0 / temperature)
-    loss, per_token = MultiTeacherKLFunction.apply(kept_student, student_weight, student_bias, 1.0 / temperature,
-                                                   dense_teachers_pass(teachers, coefs, settings, backend),
-                                                   len(teachers) + 1, loss_scale, torch.is_grad_enabled())
+    op_pass = DenseTeachersPass(teacher_operands(teachers), coefs, divergence, float(jsd_beta), aggregate,
+                                1.0 / temperature, backend, loss_scale)
+    loss = sweep_loss(kept_student, student_weight, student_bias, op_pass,
+                      loss_chunks(op_pass, kept_student, student_weight, impl, chunk_bytes), impl)
     if not return_metrics:
         return loss
-    metrics = {"num_tokens": count,
-               "per_token_max": per_token.max() if count else torch.zeros((), device=student_hidden.device)}
-    return loss, metrics
+    return loss, {"num_tokens": count,
+                  "per_token_max": op_pass.values.max() if count else torch.zeros((), device=student_hidden.device)}

@@ -2,12 +2,16 @@
 form of offline distillation data), chunk by chunk over the student's vocabulary."""
 
 import math
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
-from dypo_kernels.multi_teacher_kl import MultiTeacherKLFunction, check_student_mask, check_teacher_coefs, \
-    check_teacher_lists
+from dypo_kernels.backend import select_backend
+from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
+from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_temperature, \
     check_tensor
 
@@ -59,6 +63,41 @@ def sparse_pass(student, teachers, coefs, tail):
     return value, gradient
 
 
+@dataclass
+class SparseTeachersPass:
+    """The vocabulary pass of fused_sparse_teacher_kl: per chunk, sparse_pass on the student's logits and the
+    teachers' stored (coef, ids [N, k], log-probs [N, k]), its gradient scaled by ``loss_scale`` / T into the
+    workspace. Output: each row's divergence ``values`` [N]. A torch pass on every backend."""
+
+    teachers: List[tuple]
+    tail: str
+    inv_temperature: float
+    backend: str
+    loss_scale: float
+    values: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        count = self.teachers[0][1].shape[0]
+        self.values = torch.zeros(count, dtype=torch.float32, device=self.teachers[0][1].device)
+
+    def bytes_per_logit(self, ws_dtype):
+        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
+        return 12 + separate  # the logits and the pass's two temporaries
+
+    def chunk(self, chunk, logits, workspace):
+        rows = chunk.rows
+        value, gradient = sparse_pass(logits, [(ids[rows], logps[rows]) for _, ids, logps in self.teachers],
+                                      [coef for coef, _, _ in self.teachers], self.tail)
+        self.values[rows] = value
+        if workspace is None:
+            return None
+        gradient.mul_(self.loss_scale * self.inv_temperature).masked_fill_(gradient.abs() < SMALLEST_NORMAL, 0.0)
+        return workspace.copy_(gradient)
+
+    def total(self):
+        return self.values.sum() * self.loss_scale
+
+
 def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teacher_logps, teacher_coefs):
     count = check_teacher_lists(teacher_token_ids=teacher_token_ids, teacher_logps=teacher_logps)
     leading = tuple(student_hidden.shape[:-1])
@@ -87,7 +126,7 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
 
 def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
                             teacher_coefs=None, tail="bucket", temperature=1.0, student_bias=None,
-                            return_metrics=False):
+                            return_metrics=False, impl=None, chunk_bytes=None):
     """Forward KL from m sparse teachers, sum_i w_i KL(p_i || q), mean over the unmasked tokens, never building an
     N x V tensor: each teacher is given by its top-k token ids and their log-probs at every position.
 
@@ -123,6 +162,8 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
                       mask=mask, **{f"teacher_token_ids[{i}]": t for i, t in enumerate(teacher_token_ids)},
                       **{f"teacher_logps[{i}]": t for i, t in enumerate(teacher_logps)})
+    backend = select_backend(student_hidden.device)
+    impl = select_impl(impl, backend, student_hidden.device, has_fused=False)
 
     flat_student = student_hidden.reshape(-1, student_hidden.shape[-1])
     kept = None if mask is None else mask.reshape(-1).bool().nonzero().squeeze(1)
@@ -135,14 +176,11 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
         teachers.append((coef, ids if kept is None else ids.index_select(0, kept),
                          logps if kept is None else logps.index_select(0, kept)))
 
-    def chunk_pass(rows, student_logits):
-        return sparse_pass(student_logits, [(ids[rows], logps[rows]) for _, ids, logps in teachers],
-                           [coef for coef, _, _ in teachers], tail)
-
     count = kept_student.shape[0]
-    loss, per_token = MultiTeacherKLFunction.apply(kept_student, student_weight, student_bias, 1.0 / temperature,
-                                                   chunk_pass, 3, 1.0 / max(count, 1), torch.is_grad_enabled())
+    op_pass = SparseTeachersPass(teachers, tail, 1.0 / temperature, backend, 1.0 / max(count, 1))
+    loss = sweep_loss(kept_student, student_weight, student_bias, op_pass,
+                      loss_chunks(op_pass, kept_student, student_weight, impl, chunk_bytes), impl)
     if not return_metrics:
         return loss
     return loss, {"num_tokens": count,
-                  "per_token_max": per_token.max() if count else torch.zeros((), device=student_hidden.device)}
+                  "per_token_max": op_pass.values.max() if count else torch.zeros((), device=student_hidden.device)}

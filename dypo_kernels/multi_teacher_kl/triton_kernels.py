@@ -2,8 +2,9 @@
 
 One program per row of the chunk. It reads the row's student logits and the m teachers' (fp32, divided by the
 temperature) in blocks of BLOCK_V: (1) the m + 1 log-sum-exps, (2) the divergence and, for reverse KL and JSD, the
-row's K = sum q (log q - A) that the gradient needs, (3) the student's logit gradient, written over the student's
-logits. Memory-bound: 3 + 3m reads and one write of the row; no atomics, deterministic.
+row's K = sum q (log q - A) that the gradient needs, (3) the student's logit gradient, scaled and written into
+the workspace (the operands' dtype) or over the student's logits. Memory-bound: 3 + 3m reads and one write of
+the row; no atomics, deterministic.
 """
 
 import math
@@ -89,10 +90,12 @@ def _block_terms(p_teachers, p_coefs, p_teacher_lse, row, rows, V, o_v, m_v, log
 
 
 @triton.jit
-def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, rows, V, num_teachers, beta, log_beta,
-                       log_one_minus_beta, DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr, BLOCK_V: tl.constexpr):
+def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, p_out, rows, V, num_teachers, beta,
+                       log_beta, log_one_minus_beta, grad_scale, DIVERGENCE: tl.constexpr, MIXTURE: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     p_student_row = p_student + row.to(tl.int64) * V
+    p_out_row = p_out + row.to(tl.int64) * V
     max_student, log_sum_student = _row_lse(p_student_row, V, BLOCK_V)
     for i in range(num_teachers):
         row_max, log_sum = _row_lse(p_teachers + (i * rows + row).to(tl.int64) * V, V, BLOCK_V)
@@ -132,29 +135,33 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, r
             gradient = q - tl.exp(log_mix)
         else:
             gradient = scale * tl.where(q > 0.0, q * (log_q - target - row_kl), 0.0)
-        tl.store(p_student_row + o_v, gradient, mask=m_v)
+        gradient = gradient * grad_scale
+        gradient = tl.where(tl.abs(gradient) < 1.1754943508222875e-38, 0.0, gradient)  # no subnormal for the products
+        tl.store(p_out_row + o_v, gradient.to(p_out.dtype.element_ty), mask=m_v)
 
 
-def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
-    """Same contract as divergence.divergence_pass, for ``teachers`` one contiguous fp32 [m, rows, V] tensor; the
-    gradient overwrites ``student`` (fp32 [rows, V])."""
+def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale, out):
+    """Each row's divergence (fp32 [rows]) for the student's fp32 [rows, V] logits and the teachers' (one contiguous
+    fp32 [m, rows, V] tensor); ``out`` [rows, V] (fp32, bf16 or fp16, may be ``student``) receives grad_scale times
+    the gradient with respect to the student's logits (divergence.py's table), subnormal entries as 0."""
     divergence = resolve(divergence, jsd_beta)
     rows, vocab = student.shape
     coef_tensor = torch.tensor(coefs, dtype=torch.float32, device=student.device)
     teacher_lse = torch.empty(len(teachers), 2, rows, dtype=torch.float32, device=student.device)  # (max, log sum)
     value = torch.empty(rows, dtype=torch.float32, device=student.device)
     beta = jsd_beta if divergence == "jsd" else 0.5  # unused outside jsd; 0.5 keeps its logs finite
-    _divergence_kernel[(rows,)](student, teachers, coef_tensor, teacher_lse, value, rows, vocab, len(teachers),
-                                beta, math.log(beta), math.log1p(-beta), DIVERGENCE=DIVERGENCE_CODES[divergence],
-                                MIXTURE=aggregate == "mixture", BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
-    return value, student
+    _divergence_kernel[(rows,)](student, teachers, coef_tensor, teacher_lse, value, out, rows, vocab, len(teachers),
+                                beta, math.log(beta), math.log1p(-beta), float(grad_scale),
+                                DIVERGENCE=DIVERGENCE_CODES[divergence], MIXTURE=aggregate == "mixture",
+                                BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+    return value
 
 
 def aot_specs():
     """Every (divergence, aggregate) variant, for the ahead-of-time compilation checks (dypo_kernels/aot.py)."""
     signature = {"p_student": "*fp32", "p_teachers": "*fp32", "p_coefs": "*fp32", "p_teacher_lse": "*fp32",
-                 "p_value": "*fp32", "rows": "i32", "V": "i32:16", "num_teachers": "i32", "beta": "fp32",
-                 "log_beta": "fp32", "log_one_minus_beta": "fp32"}
+                 "p_value": "*fp32", "p_out": "*bf16", "rows": "i32", "V": "i32:16", "num_teachers": "i32",
+                 "beta": "fp32", "log_beta": "fp32", "log_one_minus_beta": "fp32", "grad_scale": "fp32"}
     return [(f"multi_teacher_kl[{divergence},{'mixture' if mixture else 'mean'}]", _divergence_kernel, signature,
              dict(DIVERGENCE=code, MIXTURE=mixture, BLOCK_V=BLOCK_V), dict(num_warps=NUM_WARPS, num_stages=1))
             for divergence, code in DIVERGENCE_CODES.items() for mixture in (True, False)]

@@ -1,7 +1,7 @@
 """fused_sft_loss: the negative log-likelihood of teacher trajectories from hidden states, in one sweep."""
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import TokenTerms, select_tokens, sweep_loss
+from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss
 from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_targets, \
     check_temperature, check_tensor
 
@@ -18,7 +18,7 @@ def sft_weights(reduction, valid, sequence):
 
 
 def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction="token_mean", bias=None,
-                   temperature=1.0):
+                   temperature=1.0, impl=None, chunk_bytes=None):
     """Negative log-likelihood of teacher trajectories (DYPO paper eq. 5), never building the logits:
     -sum_t w_t lp_t with lp_t = log softmax((W h_t + b) / temperature)[y_t].
 
@@ -52,10 +52,12 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
         valid &= mask.bool()
     check_targets(targets.masked_fill(~valid, 0), targets.shape, weight.shape[0], None)
     backend = select_backend(hidden.device)
+    impl = select_impl(impl, backend, hidden.device)
 
     valid = valid.reshape(-1, targets.shape[-1])
     _, sequence, kept_hidden, kept_targets = select_tokens(hidden.reshape(*valid.shape, hidden.shape[-1]),
                                                            targets.reshape(valid.shape), valid)
-    terms = TokenTerms(nll_weight=sft_weights(reduction, valid, sequence))
-    return sweep_loss(kept_hidden, weight, bias, kept_targets, temperature, backend, terms,
-                      lambda result: (result.value.sum(), None))
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend,
+                          terms=TokenTerms(nll_weight=sft_weights(reduction, valid, sequence)))
+    return sweep_loss(kept_hidden, weight, bias, op_pass, loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes),
+                      impl)
