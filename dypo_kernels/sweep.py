@@ -293,6 +293,13 @@ class TokenTerms:
         return value, gradient, parts
 
 
+def logprob_bytes_per_logit(backend, ws_dtype):
+    """What one logit of a LogprobPass chunk costs: the fp32 logits, the workspace when separate, the torch pass's
+    two temporaries."""
+    separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
+    return 4 + separate + (8 if backend == "torch" else 0)
+
+
 @dataclass
 class LogprobPass:
     """The vocabulary pass of every log-prob op, for kept tokens with ``targets`` [N] (int64).
@@ -325,10 +332,7 @@ class LogprobPass:
         self.lse, self.logps, self.entropy, self.value = map(buffer, (self.lse, self.logps, self.entropy, self.value))
 
     def bytes_per_logit(self, ws_dtype):
-        """What one logit of a chunk costs: the fp32 logits, the workspace when separate, the torch pass's
-        temporaries."""
-        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
-        return 4 + separate + (8 if self.backend == "torch" else 0)
+        return logprob_bytes_per_logit(self.backend, ws_dtype)
 
     def whole_chunk(self):
         count = self.targets.shape[0]
@@ -409,14 +413,27 @@ def sweep_loss(hidden, weight, bias, op_pass, chunks, impl):
     return SweepLoss.apply(hidden, weight, bias, op_pass, chunks, impl, torch.is_grad_enabled())
 
 
-def loss_chunks(op_pass, hidden, weight, impl, chunk_bytes):
-    """Even chunks of the kept rows for a pass without groups (one chunk for the fused impl)."""
-    count = hidden.shape[0]
-    if impl == "fused" or count == 0:
-        return [Chunk(0, count)]
+def capacity_rows(op_pass, hidden, weight, impl, chunk_bytes):
+    """Rows of one chunk of ``op_pass``'s sweep within the chunk budget (all of them for the fused impl)."""
+    if impl == "fused":
+        return max(hidden.shape[0], 1)
     budget = chunk_budget(chunk_bytes, hidden.device)
     per_logit = op_pass.bytes_per_logit(workspace_dtype(weight, op_pass.backend))
-    return even_chunks(count, rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device))
+    return rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device)
+
+
+def loss_chunks(op_pass, hidden, weight, impl, chunk_bytes):
+    """Even chunks of the kept rows for a pass without groups."""
+    return even_chunks(hidden.shape[0], capacity_rows(op_pass, hidden, weight, impl, chunk_bytes)) or [Chunk(0, 0)]
+
+
+def score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):
+    """A sweep for the row statistics only (2NDV, no gradient work): the LogprobPass holding lse, logps, entropy."""
+    op_pass = LogprobPass(targets, inv_temperature, backend)
+    if hidden.shape[0]:
+        sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
+              needs_input_grad=(False, False, False), impl=impl)
+    return op_pass
 
 
 def select_tokens(hidden, targets, mask, rows=None):
@@ -457,15 +474,3 @@ def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, n
 def token_mean(values):
     """Mean of a per-token diagnostic (0 for no token)."""
     return values.mean() if values.numel() else values.new_zeros(())
-
-
-def group_chunks(op_pass, hidden, weight, impl, chunk_bytes, tokens_per_group, sequences_per_group, free_tokens=0):
-    """Chunks of whole groups (then ``free_tokens`` tokens) for a pass with GAL terms (one chunk for the fused
-    impl), from host lists of each group's tokens and sequences."""
-    if impl == "fused":
-        return [op_pass.whole_chunk()]
-    budget = chunk_budget(chunk_bytes, hidden.device)
-    per_logit = op_pass.bytes_per_logit(workspace_dtype(weight, op_pass.backend))
-    capacity = rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device)
-    return whole_group_chunks(tokens_per_group, sequences_per_group, capacity, free_tokens)
-

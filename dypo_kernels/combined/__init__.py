@@ -6,12 +6,14 @@ import torch
 
 from dypo_kernels.advantages import group_advantages
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal import consecutive_group_ids, gal_terms, groups_with_pairs, sequence_logprobs
+from dypo_kernels.gal import groups_with_pairs, sequence_logprobs
+from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_capacity, gal_chunks, plan_gal, \
+    sweep_ahead
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
-from dypo_kernels.sweep import LogprobPass, TokenTerms, group_chunks, loss_chunks, select_impl, select_tokens, \
-    sweep_loss, token_weights
+from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss, \
+    token_weights
 from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
     check_tensor
 
@@ -173,16 +175,22 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
     rl_rows = rl_rows[torch.argsort(ids[rl_rows], stable=True)]  # each group's rows together
     rl_group = consecutive_group_ids(ids[rl_rows])
-    rl_rewards = rewards[rl_rows].float()
     gal_fraction = 1.0  # of the whole batch's groups with a GAL pair that are here
     if batch_totals is None:
         prompts = max(prompts_rl + prompts_sft, 1)
         share_rl, share_sft = prompts_rl / prompts, prompts_sft / prompts
     else:
-        here = batch_totals_of_part(batch_totals, mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group)
+        here = batch_totals_of_part(batch_totals, mask, is_rl, is_sft, prompts_rl, prompts_sft,
+                                    rewards[rl_rows].float(), rl_group)
         prompts = max(batch_totals.prompts_rl + batch_totals.prompts_sft, 1)
         share_rl, share_sft = batch_totals.prompts_rl / prompts, batch_totals.prompts_sft / prompts
         gal_fraction = here.gal_groups / batch_totals.gal_groups if batch_totals.gal_groups else 0.0
+    with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # GAL's metrics even where this part has no pair
+    if with_gal:  # the RL rows in GAL's sweep order: whole groups per chunk
+        capacity = gal_capacity(weight, device, backend, impl, chunk_bytes)
+        plan = plan_gal(rl_rows, rl_group, mask[rl_rows].sum(-1), GROUP_GROWTH * capacity)
+        rl_rows, rl_group = plan.rows, plan.group
+    rl_rewards = rewards[rl_rows].float()
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, torch.cat([rl_rows, sft_rows]))
     token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
@@ -204,18 +212,17 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         terms.kl_weight = beta_kl * terms.pg_weight
         terms.kl_importance_weighted = use_bias_correction_kl
     gal = None
-    if share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0:  # GAL's metrics even where this part has no pair
+    if with_gal:
         ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], mask[rl_rows],
                                                                          False)
-        gal, tokens_per_group, sequences_per_group = gal_terms(
-            rl_group, mask[rl_rows].sum(-1), kept.shape[0], rewards=rl_rewards, ref_seq_logps=ref_seq_logps,
-            beta=beta_gal, scale=share_rl * (1 - alpha) * gal_fraction)
+        gal = GalTerms.of_plan(plan, kept.shape[0], rewards=rl_rewards, ref_seq_logps=ref_seq_logps, beta=beta_gal,
+                               scale=share_rl * (1 - alpha) * gal_fraction)
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, gal=gal)
     if gal is None:
         chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
     else:  # chunks of whole RL groups, then the SFT tokens: each computes its groups' GAL coefficients
-        chunks = group_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes, tokens_per_group, sequences_per_group,
-                              free_tokens=kept.shape[0] - sum(tokens_per_group))
+        sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
+        chunks = gal_chunks(plan, capacity, kept.shape[0])
     loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
     if not return_metrics:
         return loss

@@ -4,7 +4,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import Chunk, LogprobPass, loss_chunks, select_impl, sweep
+from dypo_kernels.sweep import LogprobPass, loss_chunks, score, select_impl, sweep
 from dypo_kernels.validation import check_linear_head, check_same_device, check_targets, check_temperature
 
 
@@ -15,10 +15,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):
-        op_pass = LogprobPass(targets, inv_temperature, backend)
-        if hidden.shape[0]:
-            sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
-                  needs_input_grad=(False, False, False), impl=impl)
+        op_pass = score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes)
         ctx.save_for_backward(hidden, weight, bias, targets, op_pass.lse, op_pass.entropy)
         ctx.settings = (inv_temperature, backend, impl, chunk_bytes)
         return op_pass.logps, op_pass.entropy
@@ -35,9 +32,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         op_pass = LogprobPass(targets, inv_temperature, backend, lse=lse, entropy=entropy,
                               grad_logp=torch.zeros_like(lse) if grad_logp is None else grad_logp.float(),
                               grad_entropy=None if grad_entropy is None else grad_entropy.float())
-        chunks = [Chunk(0, hidden.shape[0])] if impl == "fused" else loss_chunks(op_pass, hidden, weight, impl,
-                                                                                 chunk_bytes)
-        grads = sweep(hidden, weight, bias, op_pass, chunks, needs_input_grad=needs, impl=impl)
+        grads = sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
+                      needs_input_grad=needs, impl=impl)
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
