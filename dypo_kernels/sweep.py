@@ -436,18 +436,28 @@ def score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_b
     return op_pass
 
 
-def select_tokens(hidden, targets, mask, rows=None):
+def positions_of(flags, count):
+    """The indices where the 1-d bool ``flags`` is set, in order, given their ``count``: nonzero without its host
+    sync (each set flag scatters its index to its rank; the rest go to one spare slot)."""
+    rank = torch.where(flags, flags.long().cumsum(0) - 1, count)
+    positions = torch.empty(count + 1, dtype=torch.long, device=flags.device)
+    return positions.scatter_(0, rank, torch.arange(flags.shape[0], device=flags.device))[:count]
+
+
+def select_tokens(hidden, targets, mask, count, rows=None):
     """The tokens a loss uses, dropped to ``[N, D]`` rows before any projection.
 
     hidden ``[B, T, D]``, targets and mask ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in
-    order). Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]``
-    int64). One host sync (the number of kept tokens).
+    order); ``count``: the number of their tokens where ``mask`` is set (a host int the op read with its checks).
+    Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64).
+    No host sync.
     """
     length = targets.shape[-1]
     if rows is None:
-        kept = mask.reshape(-1).nonzero().squeeze(1)
+        kept = positions_of(mask.reshape(-1), count)
     else:
-        kept = (rows[:, None] * length + torch.arange(length, device=rows.device))[mask[rows]]
+        within = positions_of(mask[rows].reshape(-1), count)
+        kept = rows[torch.div(within, length, rounding_mode="floor")] * length + within % length
     sequence = torch.div(kept, length, rounding_mode="floor")
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).contiguous()
     kept_targets = targets.reshape(-1).index_select(0, kept).long().contiguous()

@@ -1,10 +1,54 @@
-"""Input checks shared by the public ops: each raises before any work, naming the argument and its shape."""
+"""Input checks shared by the public ops: each raises before any work, naming the argument and its shape.
+
+Checks that depend on tensor values (ranges, finiteness, group ids) go into a ``Checks``, which reads all of them,
+and the counts an op sizes its work by, in one device-to-host copy: one host synchronisation per op for its checks.
+"""
 
 import math
+from typing import Callable, List, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Count:
+    """A device count an op needs on the host: ``value`` once its Checks has run (or given at once)."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+class Checks:
+    """Conditions that must hold (bool 0-dim tensors, each with its error message, a string or a function making it
+    when the condition fails) and counts (integer 0-dim tensors), read with one device-to-host copy by ``run``."""
+
+    def __init__(self):
+        self._conditions: List[torch.Tensor] = []
+        self._messages: List[Union[str, Callable[[], str]]] = []
+        self._counts: List[tuple] = []
+
+    def require(self, holds, message):
+        self._conditions.append(holds)
+        self._messages.append(message)
+
+    def count(self, value):
+        handle = Count()
+        self._counts.append((value, handle))
+        return handle
+
+    def run(self):
+        """Raises ValueError for the first condition that fails; fills the counts."""
+        values = self._conditions + [value for value, _ in self._counts]
+        if not values:
+            return
+        read = torch.stack([v.reshape(()).to(device=values[0].device, dtype=torch.int64) for v in values]).tolist()
+        for holds, message in zip(read, self._messages):
+            if not holds:
+                raise ValueError(message() if callable(message) else message)
+        for number, (_, handle) in zip(read[len(self._conditions):], self._counts):
+            handle.value = number
+        self._conditions, self._messages, self._counts = [], [], []
 
 
 def check_tensor(name, value, *, dims=None, dtypes=None, integer=False):
@@ -47,19 +91,36 @@ def check_linear_head(hidden, weight, bias, hidden_name="hidden", weight_name="w
                              f"{tuple(weight.shape)}")
 
 
-def check_targets(targets, leading_shape, vocab_size, ignore_index, name="targets", hidden_name="hidden"):
+def check_targets(targets, leading_shape, vocab_size, ignore_index, name="targets", hidden_name="hidden",
+                  checks=None):
+    """Integer ``targets`` of ``leading_shape`` in [0, V) (or equal to ``ignore_index``); the range is checked in
+    ``checks`` when given (else at once)."""
     check_tensor(name, targets, integer=True)
     if tuple(targets.shape) != tuple(leading_shape):
         raise ValueError(f"{name} {tuple(targets.shape)} must have the leading shape of {hidden_name} "
                          f"{tuple(leading_shape)} + (D,)")
+    if not targets.numel():
+        return
     out_of_range = (targets < 0) | (targets >= vocab_size)
     if ignore_index is not None:
         out_of_range &= targets != ignore_index
-    if targets.numel() and bool(out_of_range.any()):
-        bad = targets[out_of_range][:5].tolist()
+
+    def message():
         allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
         where = " where mask is set" if ignore_index is None else ""
-        raise ValueError(f"{name} must lie in [0, {vocab_size}){allowed}{where}; found {bad}")
+        return f"{name} must lie in [0, {vocab_size}){allowed}{where}; found {targets[out_of_range][:5].tolist()}"
+
+    _require(checks, ~out_of_range.any(), message)
+
+
+def _require(checks, holds, message):
+    """Adds the condition to ``checks``, or checks it at once without one."""
+    if checks is None:
+        checks = Checks()
+        checks.require(holds, message)
+        checks.run()
+    else:
+        checks.require(holds, message)
 
 
 def check_choice(name, value, choices):
@@ -77,7 +138,7 @@ def check_number(name, value, *, low=None, high=None, high_open=False):
         raise ValueError(f"{name} must lie in {interval}, got {value!r}")
 
 
-def check_sequence_batch(hidden, weight, bias, targets, mask, **per_token):
+def check_sequence_batch(hidden, weight, bias, targets, mask, checks=None, **per_token):
     """hidden [B, T, D] with its head, targets [B, T] integer ids (checked against V where ``mask`` is set),
     ``mask`` [B, T] or None, and optional float per-token tensors [B, T] (log-probs), named by their keywords."""
     check_linear_head(hidden, weight, bias)
@@ -98,12 +159,25 @@ def check_sequence_batch(hidden, weight, bias, targets, mask, **per_token):
         if tuple(value.shape) != tuple(targets.shape):
             raise ValueError(f"{name} {tuple(value.shape)} must have the shape of targets {tuple(targets.shape)}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask, **per_token)
+    check_mask_values(mask, checks)
     used = targets if mask is None else targets.masked_fill(~mask.bool(), 0)
-    check_targets(used, targets.shape, weight.shape[0], ignore_index=None)
+    check_targets(used, targets.shape, weight.shape[0], ignore_index=None, checks=checks)
+    for name, value in per_token.items():
+        if value is not None and value.numel():
+            finite = torch.isfinite(value) if mask is None else torch.isfinite(value) | ~mask.bool()
+            _require(checks, finite.all(), f"{name} must be finite where mask is set; found NaN or inf")
 
 
-def check_per_sequence(batch_size, device, **per_sequence):
-    """Optional float tensors [B], one value per sequence, named by their keywords; rewards must be finite."""
+def check_mask_values(mask, checks=None):
+    """A mask is bool or holds only 0 and 1 (a weight of 0.5, 2 or NaN would be taken as 1)."""
+    if mask is not None and mask.dtype != torch.bool and mask.numel():
+        _require(checks, ((mask == 0) | (mask == 1)).all(),
+                 lambda: f"mask must be bool or hold only 0 and 1; found {mask[(mask != 0) & (mask != 1)][:5].tolist()}")
+
+
+def check_per_sequence(batch_size, device, checks=None, **per_sequence):
+    """Optional float tensors [B], one value per sequence, named by their keywords; they must be finite (checked in
+    ``checks`` when given)."""
     for name, value in per_sequence.items():
         if value is None:
             continue
@@ -112,5 +186,5 @@ def check_per_sequence(batch_size, device, **per_sequence):
             raise ValueError(f"{name} {tuple(value.shape)} must hold one value per sequence ({batch_size})")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device}, hidden on {device}")
-        if value.numel() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite; found NaN or inf")
+        if value.numel():
+            _require(checks, torch.isfinite(value).all(), f"{name} must be finite; found NaN or inf")

@@ -164,3 +164,58 @@ def test_chunk_bytes_bounds_the_chunk(monkeypatch):
                         chunk_logits(hidden, *a, **k))
     fused_sft_loss(batch["hidden"], batch["weight"], batch["targets"], chunk_bytes=5 * 12 * V)
     assert max(seen) == 5 and sum(seen) == int((batch["targets"] != -100).sum()) > 5
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: scalar reads (.item(), int(), bool()),
+    nonzero, bincount, unique, boolean indexing, repeat_interleave without output_size, and tolist (patched in:
+    it does not dispatch)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "_unique2", "unique_dim", "unique_consecutive",
+               "masked_select"}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor):
+            self.count += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
+        self.count += (name in self.SYNCING
+                       or (name == "repeat_interleave" and "output_size" not in (kwargs or {}))
+                       or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices if i is not None))
+        return func(*args, **(kwargs or {}))
+
+
+# forward + backward of each op at B 4, 2 groups: the one read of its checks and counts, plus GAL's chunk plan
+HOST_SYNCS = {"logprobs": 1, "grpo": 1, "sft": 1, "gal": 2, "dypo": 2, "kl": 1, "sparse_kl": 1}
+
+
+@pytest.mark.parametrize("op", list(HOST_SYNCS))
+def test_host_syncs_of_every_op(op, monkeypatch):
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
+    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(5 * 12 * V))  # several chunks: none may sync
+    ops, batch = every_op("cpu")
+    with HostSyncs(monkeypatch) as syncs:
+        gradients(ops[op][0](), batch)
+    assert syncs.count == HOST_SYNCS[op]
+
+
+def test_host_syncs_of_the_sequence_ops(monkeypatch):
+    from dypo_kernels import batch_totals, gal_loss, group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    index = torch.tensor([1, 0, 1, 0])
+    with HostSyncs(monkeypatch) as syncs:
+        group_advantages(rewards, group_index=index)
+        gal_loss(torch.randn(4, requires_grad=True), rewards, group_index=index)
+        batch_totals(mask=torch.ones(4, 3, dtype=torch.bool), route=torch.tensor([1, 1, 2, 2]), rewards=rewards,
+                     group_index=torch.tensor([0, 0, 1, 1]))
+    assert syncs.count == 3

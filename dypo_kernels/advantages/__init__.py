@@ -7,14 +7,14 @@ import torch
 from dypo_kernels.backend import select_backend
 from dypo_kernels.grade import Grade, GroupAdvantages
 from dypo_kernels.groups import group_ids
-from dypo_kernels.validation import check_tensor
+from dypo_kernels.validation import Checks, check_tensor
 
 SCALES = ("group", "batch", "none")
 
 
 def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, success_threshold):
     rewards = rewards.float()
-    count = torch.bincount(ids, minlength=num_groups).float()
+    count = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, torch.ones_like(rewards))
     mean = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, rewards) / count
     centred = rewards - mean[ids]
     square = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, centred * centred)
@@ -26,9 +26,8 @@ def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, suc
         advantages = centred / (batch_std + eps)
     success = (rewards > success_threshold).long()
     num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
-    grade = torch.full_like(num_success, int(Grade.MID))
-    grade[num_success == 0] = int(Grade.HARD)
-    grade[num_success == count.long()] = int(Grade.EASY)
+    grade = torch.where(num_success == 0, int(Grade.HARD),
+                        torch.where(num_success == count.long(), int(Grade.EASY), int(Grade.MID)))
     return advantages, mean, std, num_success, grade
 
 
@@ -59,16 +58,18 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite; found NaN or inf at rows "
-                         f"{(~torch.isfinite(rewards)).nonzero().squeeze(1)[:5].tolist()}")
-    ids, num_groups = group_ids(rewards.shape[0], rewards.device, group_size, group_index)
+    checks = Checks()
+    if rewards.numel():
+        checks.require(torch.isfinite(rewards).all(), lambda: "rewards must be finite; found NaN or inf at rows "
+                       f"{(~torch.isfinite(rewards)).nonzero().squeeze(1)[:5].tolist()}")
+    ids, groups = group_ids(rewards.shape[0], rewards.device, group_size, group_index, checks)
+    checks.run()
+    num_groups = groups.value
     if num_groups == 0:
         empty = rewards.new_zeros(0, dtype=torch.float32)
         return GroupAdvantages(empty, empty, empty, empty.long(), empty.long())
-    batch_std = rewards.float().std().reshape(1) if rewards.numel() > 1 else rewards.new_zeros(1, dtype=torch.float32)
     if select_backend(rewards.device) != "triton":
-        return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps,
+        return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, _batch_std(rewards), scale, eps,
                                                         success_threshold))
     from dypo_kernels.advantages import triton_kernels
 
@@ -77,7 +78,20 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         offsets = torch.arange(0, rewards.shape[0] + 1, group_size, device=rewards.device)
     else:
         order = torch.argsort(ids, stable=True)
-        offsets = torch.nn.functional.pad(torch.bincount(ids, minlength=num_groups).cumsum(0), (1, 0))
+        sizes = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, torch.ones_like(ids))
+        offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
     return GroupAdvantages(*triton_kernels.group_advantages(
-        rewards.float().contiguous(), order, offsets, batch_std, num_groups, scale, float(eps),
+        rewards.float().contiguous(), order, offsets, _batch_std(rewards), num_groups, scale, float(eps),
         float(success_threshold)))
+
+
+def _batch_std(rewards):
+    return rewards.float().std().reshape(1) if rewards.numel() > 1 else rewards.new_zeros(1, dtype=torch.float32)
+
+
+def grouped_advantages(rewards, ids, num_groups):
+    """GRPO's advantages [B] fp32 (scale "group", eps 1e-6) of rewards already checked, for ids 0..G-1: the
+    unchecked core that dypo_loss calls, without host sync."""
+    if not rewards.numel():
+        return rewards.new_zeros(0, dtype=torch.float32)
+    return _group_advantages_torch(rewards, ids, num_groups, _batch_std(rewards), "group", 1e-6, 0.5)[0]

@@ -4,36 +4,40 @@ from typing import NamedTuple
 
 import torch
 
-from dypo_kernels.advantages import group_advantages
+from dypo_kernels.advantages import grouped_advantages
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal import groups_with_pairs, sequence_logprobs
+from dypo_kernels.gal import sequence_logprobs
 from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_capacity, gal_chunks, plan_gal, \
     sweep_ahead
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
-from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss, \
-    token_weights
-from dypo_kernels.validation import check_number, check_per_sequence, check_sequence_batch, check_temperature, \
-    check_tensor
+from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, positions_of, select_impl, select_tokens, \
+    sweep_loss, token_weights
+from dypo_kernels.validation import Checks, Count, check_number, check_per_sequence, check_sequence_batch, \
+    check_temperature, check_tensor
 
 
 
-def _check_routes(route, ids, num_groups):
-    """(is_rl, is_sft) [B] bool and the number of mid (RL) and hard (SFT) groups; one host sync."""
+def _check_routes(route, ids, checks):
+    """(is_rl, is_sft) [B] bool; the checks that route holds Route values and no group mixes RL and SFT rows."""
     valid = (route == Route.SKIP) | (route == Route.RL) | (route == Route.SFT)
-    if route.numel() and not bool(valid.all()):
-        bad = route[~valid][:5].tolist()
-        raise ValueError(f"route must hold Route values ({', '.join(f'{r.name}={int(r)}' for r in Route)}); "
-                         f"found {bad}")
+    names = ", ".join(f"{r.name}={int(r)}" for r in Route)
+    checks.require(valid.all(), lambda: f"route must hold Route values ({names}); found {route[~valid][:5].tolist()}")
     is_rl, is_sft = route == Route.RL, route == Route.SFT
-    group_rl = torch.zeros(num_groups, dtype=torch.long, device=ids.device).index_add_(0, ids, is_rl.long()) > 0
-    group_sft = torch.zeros(num_groups, dtype=torch.long, device=ids.device).index_add_(0, ids, is_sft.long()) > 0
-    mixed = (group_rl & group_sft).nonzero().squeeze(1)
-    if mixed.numel():
-        raise ValueError(f"groups {mixed[:5].tolist()} of group_index hold both RL and SFT rows: a prompt is either "
-                         "mid (its rollouts are RL rows) or hard (its teacher trajectories are SFT rows)")
-    return is_rl, is_sft, int(group_rl.sum()), int(group_sft.sum())
+    group_rl, group_sft = _groups_with(is_rl, ids), _groups_with(is_sft, ids)
+    mixed = group_rl & group_sft
+    checks.require(~mixed.any(), lambda: f"groups {mixed.nonzero().squeeze(1)[:5].tolist()} of group_index hold both "
+                                         "RL and SFT rows: a prompt is either mid (its rollouts are RL rows) or hard "
+                                         "(its teacher trajectories are SFT rows)")
+    return is_rl, is_sft
+
+
+def _groups_with(rows, ids):
+    """bool [B]: the group ids (< B once checked) that hold one of ``rows``."""
+    count = ids.shape[0]
+    return torch.zeros(count, dtype=torch.long, device=ids.device).index_add_(
+        0, ids.clamp(0, max(count - 1, 0)), rows.long()) > 0
 
 
 class BatchTotals(NamedTuple):
@@ -57,43 +61,55 @@ class BatchTotals(NamedTuple):
                      for name, values in zip(cls._fields, zip(*parts))))
 
 
-def _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_ids):
+def _count_totals(checks, mask, is_rl, is_sft, rewards, ids):
+    """The Counts of one batch's BatchTotals, read with ``checks``."""
     mask = mask.bool()
-    return BatchTotals(prompts_rl, prompts_sft, int(is_rl.sum()), int(is_sft.sum()), int(mask[is_rl].sum()),
-                       int(mask[is_sft].sum()), mask.shape[-1], groups_with_pairs(rl_rewards, rl_ids))
+    count = ids.shape[0]
+    safe_ids = ids.clamp(0, max(count - 1, 0))
+    rl_rewards = rewards.float()
+    highest = rl_rewards.new_full((count,), float("-inf")).scatter_reduce(
+        0, safe_ids, torch.where(is_rl, rl_rewards, float("-inf")), "amax")
+    lowest = rl_rewards.new_full((count,), float("inf")).scatter_reduce(
+        0, safe_ids, torch.where(is_rl, rl_rewards, float("inf")), "amin")
+    device_counts = (_groups_with(is_rl, ids).sum(), _groups_with(is_sft, ids).sum(), is_rl.sum(), is_sft.sum(),
+                     (mask & is_rl[:, None]).sum(), (mask & is_sft[:, None]).sum())
+    return [checks.count(value) for value in device_counts] + [Count(mask.shape[-1]),
+                                                               checks.count((highest > lowest).sum())]
 
 
 def batch_totals(*, mask, route, rewards, group_index):
-    """BatchTotals of one batch (the arguments as dypo_loss's); combine the parts' with BatchTotals.combine."""
-    ids, num_groups = group_ids(route.shape[0], route.device, None, group_index)
-    is_rl, is_sft, prompts_rl, prompts_sft = _check_routes(route, ids, num_groups)
-    return _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rewards[is_rl].float(), ids[is_rl])
+    """BatchTotals of one batch (the arguments as dypo_loss's); combine the parts' with BatchTotals.combine. One
+    host sync."""
+    checks = Checks()
+    ids, _ = group_ids(route.shape[0], route.device, None, group_index, checks)
+    is_rl, is_sft = _check_routes(route, ids, checks)
+    counts = _count_totals(checks, mask, is_rl, is_sft, rewards, ids)
+    checks.run()
+    return BatchTotals(*(count.value for count in counts))
 
 
-def batch_totals_of_part(totals, mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group):
-    """This batch's own BatchTotals, checked against the whole batch's ``totals`` (a ValueError naming
-    batch_totals when a count here exceeds the whole's)."""
+def _check_part(totals, here):
+    """A ValueError naming batch_totals when a count of this batch ``here`` exceeds the whole batch's ``totals``."""
     if not isinstance(totals, BatchTotals):
         raise TypeError(f"batch_totals must be a BatchTotals, got {type(totals).__name__}")
-    here = _totals(mask, is_rl, is_sft, prompts_rl, prompts_sft, rl_rewards, rl_group)
     larger = [name for name, part, whole in zip(BatchTotals._fields, here, totals) if part > whole]
     if larger:
         raise ValueError(f"batch_totals {totals} counts less than this batch holds ({', '.join(larger)}: "
                          f"{here}); give the totals of a whole batch that contains this one")
-    return here
 
 
 def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals=None, part="rl"):
     """Aggregation weights of the kept tokens of one part (its rows ``rows_of_part``), 0 on the other tokens;
-    normalised over the whole batch of ``totals`` when given."""
+    normalised over the whole batch of ``totals`` when given. Also each row's rank in the part (-1: outside)."""
     rank = torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
     rank[rows_of_part] = torch.arange(rows_of_part.shape[0], device=mask.device)
-    weights = torch.zeros(sequence.shape, dtype=torch.float32, device=mask.device)
+    if not rows_of_part.numel():
+        return torch.zeros(sequence.shape, dtype=torch.float32, device=mask.device), rank
     whole = {} if totals is None else dict(max_len=totals.max_length,
                                            num_sequences=getattr(totals, f"sequences_{part}"),
                                            num_tokens=getattr(totals, f"tokens_{part}"))
-    weights[token_in_part] = token_weights(loss_type, mask[rows_of_part], rank[sequence[token_in_part]], **whole)
-    return weights, rank
+    weights = token_weights(loss_type, mask[rows_of_part], rank[sequence].clamp(min=0), **whole)
+    return torch.where(token_in_part, weights, 0.0), rank
 
 
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
@@ -150,59 +166,59 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")
-    check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
+    checks = Checks()
+    check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
     batch_size, device = hidden.shape[0], hidden.device
     check_tensor("route", route, dims=(1,), integer=True)
     if route.shape[0] != batch_size or route.device != device:
         raise ValueError(f"route {tuple(route.shape)} on {route.device} must hold one value per sequence "
                          f"({batch_size}) on {device}")
-    check_per_sequence(batch_size, device, rewards=rewards, advantages=advantages)
+    check_per_sequence(batch_size, device, checks, rewards=rewards, advantages=advantages)
     check_number("alpha", alpha, low=0, high=1)
     check_number("gamma", gamma, low=0)
     check_number("beta_gal", beta_gal, low=0)
-    ids, num_groups = group_ids(batch_size, device, None, group_index)
-    is_rl, is_sft, prompts_rl, prompts_sft = _check_routes(route, ids, num_groups)
     check_number("beta_kl", beta_kl, low=0)
-    if not prompts_rl:
+    check_temperature(temperature)
+    ids, _ = group_ids(batch_size, device, None, group_index, checks)
+    is_rl, is_sft = _check_routes(route, ids, checks)
+    counts = _count_totals(checks, mask, is_rl, is_sft, rewards, ids)
+    checks.run()  # the one host sync of the checks, with every count the op sizes its work by
+    here = BatchTotals(*(count.value for count in counts))
+    if batch_totals is not None:
+        _check_part(batch_totals, here)
+    if not here.prompts_rl:
         beta_kl = 0.0  # the KL term sits on RL rows only: a batch without them needs no reference log-probs
     check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl",
                         use_bias_correction_kl=use_bias_correction_kl)
-    check_temperature(temperature)
     backend = select_backend(device)
     impl = select_impl(impl, backend, device)
 
     mask = mask.bool()
-    rl_rows, sft_rows = is_rl.nonzero().squeeze(1), is_sft.nonzero().squeeze(1)
+    rl_rows, sft_rows = positions_of(is_rl, here.sequences_rl), positions_of(is_sft, here.sequences_sft)
     rl_rows = rl_rows[torch.argsort(ids[rl_rows], stable=True)]  # each group's rows together
     rl_group = consecutive_group_ids(ids[rl_rows])
-    gal_fraction = 1.0  # of the whole batch's groups with a GAL pair that are here
-    if batch_totals is None:
-        prompts = max(prompts_rl + prompts_sft, 1)
-        share_rl, share_sft = prompts_rl / prompts, prompts_sft / prompts
-    else:
-        here = batch_totals_of_part(batch_totals, mask, is_rl, is_sft, prompts_rl, prompts_sft,
-                                    rewards[rl_rows].float(), rl_group)
-        prompts = max(batch_totals.prompts_rl + batch_totals.prompts_sft, 1)
-        share_rl, share_sft = batch_totals.prompts_rl / prompts, batch_totals.prompts_sft / prompts
-        gal_fraction = here.gal_groups / batch_totals.gal_groups if batch_totals.gal_groups else 0.0
+    whole = here if batch_totals is None else batch_totals
+    prompts = max(whole.prompts_rl + whole.prompts_sft, 1)
+    share_rl, share_sft = whole.prompts_rl / prompts, whole.prompts_sft / prompts
+    gal_fraction = here.gal_groups / whole.gal_groups if whole.gal_groups else 1.0  # of the whole's GAL groups
     with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # GAL's metrics even where this part has no pair
     if with_gal:  # the RL rows in GAL's sweep order: whole groups per chunk
         capacity = gal_capacity(weight, device, backend, impl, chunk_bytes)
         plan = plan_gal(rl_rows, rl_group, mask[rl_rows].sum(-1), GROUP_GROWTH * capacity)
         rl_rows, rl_group = plan.rows, plan.group
     rl_rewards = rewards[rl_rows].float()
-    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, torch.cat([rl_rows, sft_rows]))
+    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, here.tokens_rl + here.tokens_sft,
+                                                              torch.cat([rl_rows, sft_rows]))
     token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
     sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft, batch_totals, "sft")
     if advantages is None:
-        rl_advantages = group_advantages(rl_rewards, group_index=rl_group).advantages if rl_rows.numel() else \
-            rewards.new_zeros(0, dtype=torch.float32)
+        rl_advantages = grouped_advantages(rl_rewards, rl_group, here.prompts_rl)
     else:
         rl_advantages = advantages.detach().float()[rl_rows]
-
     token_advantages = torch.zeros(sequence.shape, dtype=torch.float32, device=device)
-    token_advantages[token_rl] = rl_advantages[rl_rank[sequence[token_rl]]]
+    if rl_rows.numel():
+        token_advantages = torch.where(token_rl, rl_advantages[rl_rank[sequence].clamp(min=0)], 0.0)
     terms = TokenTerms(pg_weight=share_rl * alpha * rl_weights, advantages=token_advantages,
                        nll_weight=share_sft * gamma * sft_weights, eps_low=eps_low, eps_high=eps_high)
     if old_logps is not None:
@@ -232,7 +248,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     metrics = {"loss_sft": -torch.where(token_sft, sft_weights * op_pass.logps, 0.0).sum(),
                "loss_grpo": torch.where(token_rl, rl_weights * policy_loss, 0.0).sum(),
                "loss_gal": torch.zeros((), device=device),
-               "num_prompts_sft": prompts_sft, "num_prompts_rl": prompts_rl, "num_tokens_rl": token_rl.sum(),
+               "num_prompts_sft": here.prompts_sft, "num_prompts_rl": here.prompts_rl, "num_tokens_rl": token_rl.sum(),
                **policy_metrics(op_pass, tokens=token_rl)}
     if gal is not None:
         gal_value, gal_metrics = gal.loss_and_metrics()

@@ -5,11 +5,10 @@ import torch
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
-from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_capacity, gal_chunks, \
-    plan_gal, sweep_ahead
+from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_capacity, gal_chunks, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
 from dypo_kernels.sweep import LogprobPass, select_impl, select_tokens, sweep_loss
-from dypo_kernels.validation import check_number, check_per_sequence, check_same_device, check_sequence_batch, \
+from dypo_kernels.validation import Checks, check_number, check_per_sequence, check_same_device, check_sequence_batch, \
     check_temperature, check_tensor
 
 
@@ -24,11 +23,13 @@ def _checked_pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, b
             raise ValueError(f"{name} {tuple(value.shape)} must match seq_logps {tuple(seq_logps.shape)}")
     check_same_device(seq_logps=seq_logps, rewards=rewards, ref_seq_logps=ref_seq_logps, group_index=group_index)
     check_number("beta", beta, low=0)
-    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite; found NaN or inf")
-    ids, num_groups = group_ids(seq_logps.shape[0], seq_logps.device, group_size, group_index)
-    slot, width = group_layout(ids, num_groups)
-    return pair_terms(seq_logps, rewards, ref_seq_logps, ids, slot, num_groups, width), ids, slot
+    checks = Checks()
+    if rewards.numel():
+        checks.require(torch.isfinite(rewards).all(), "rewards must be finite; found NaN or inf")
+    ids, groups = group_ids(seq_logps.shape[0], seq_logps.device, group_size, group_index, checks)
+    slot, width = group_layout(ids, checks)
+    checks.run()
+    return pair_terms(seq_logps, rewards, ref_seq_logps, ids, slot, groups.value, width.value), ids, slot
 
 
 def gal_loss(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
@@ -115,13 +116,15 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     gradients of hidden and weight from the forward to the backward). Host syncs: the checks, the grouping, and in
     each chunk the coefficients' checks.
     """
-    check_sequence_batch(hidden, weight, bias, targets, mask, ref_logps=ref_logps)
-    check_per_sequence(hidden.shape[0], hidden.device, rewards=rewards, ref_seq_logps=ref_seq_logps)
+    checks = Checks()
+    check_sequence_batch(hidden, weight, bias, targets, mask, checks, ref_logps=ref_logps)
+    check_per_sequence(hidden.shape[0], hidden.device, checks, rewards=rewards, ref_seq_logps=ref_seq_logps)
     if ref_logps is not None and ref_seq_logps is not None:
         raise ValueError("give ref_logps ([B, T]) or ref_seq_logps ([B]), not both")
     check_number("beta", beta, low=0)
     check_temperature(temperature)
-    ids, num_groups = group_ids(hidden.shape[0], hidden.device, group_size, group_index)
+    ids, groups = group_ids(hidden.shape[0], hidden.device, group_size, group_index, checks)
+    checks.run()
     device = hidden.device
     backend = select_backend(device)
     impl = select_impl(impl, backend, device)
@@ -130,10 +133,11 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     if ref_logps is not None:
         ref_seq_logps = sequence_logprobs(ref_logps.detach(), mask, average_log_prob)
     order = torch.arange(ids.shape[0], device=device) if group_size is not None else torch.argsort(ids, stable=True)
-    rows = order[has_pair(rewards, ids, num_groups)[ids[order]]]  # the groups with pairs, each group's rows together
     capacity = gal_capacity(weight, device, backend, impl, chunk_bytes)
-    plan = plan_gal(rows, consecutive_group_ids(ids[rows]), mask[rows].sum(-1), GROUP_GROWTH * capacity)
-    _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, plan.rows)
+    # the groups whose rewards are not all equal (the only ones with pairs), each group's rows together
+    plan = plan_gal(order, ids[order], mask[order].sum(-1), GROUP_GROWTH * capacity,
+                    keep=has_pair(rewards, ids, groups.value))
+    _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, plan.gal_tokens, plan.rows)
     gal = GalTerms.of_plan(plan, kept_hidden.shape[0], rewards=rewards[plan.rows].float(), beta=beta,
                            ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps.detach()[plan.rows].float(),
                            divisor=plan.lengths.clamp(min=1).float() if average_log_prob else None)

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 
 
-def group_layout(ids, num_groups):
-    """(slot [B], width): each row's position within its group (ids 0..G-1, any order) and the largest group's
-    size, which shapes the padded [G, K] layout of the pairs. One host sync (the width)."""
-    rows = torch.arange(ids.shape[0], device=ids.device)
+def group_layout(ids, checks):
+    """(slot [B], width): each row's position within its group (ids 0..G-1, any order) and, as a Count read by
+    ``checks``, the largest group's size, which shapes the padded [G, K] layout of the pairs."""
+    count = ids.shape[0]
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_groups)
+    sizes = torch.zeros(count, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
     slot = torch.empty_like(ids)
-    slot[order] = rows - (counts.cumsum(0) - counts)[ids[order]]
-    return slot, int(counts.max()) if counts.numel() else 0
+    slot[order] = torch.arange(count, device=ids.device) - (sizes.cumsum(0) - sizes)[ids[order]]
+    return slot, checks.count(sizes.max() if count else torch.zeros((), dtype=torch.long, device=ids.device))
 
 
 def pair_terms(seq_logps, rewards, ref_seq_logps, group, slot, num_groups, width):

@@ -53,32 +53,37 @@ class GalPlan:
         return sum(self.tokens_per_group)
 
 
-def plan_gal(rows, group, lengths, group_limit):
-    """The plan of sequences ``rows`` ordered group by group (``group`` consecutive ids, ``lengths`` their kept
-    tokens): groups of more than ``group_limit`` tokens move to the end, to be swept ahead. One host sync."""
-    count = group.shape[0]  # groups <= sequences: sized by S, no host sync before the one below
-    sizes = torch.zeros(2, count, dtype=torch.long, device=group.device)
+def plan_gal(rows, group, lengths, group_limit, keep=None):
+    """The plan of sequences ``rows`` ordered group by group (``group`` their ids, non-decreasing, < S; ``lengths``
+    their kept tokens): only the groups flagged in ``keep`` (None: all), those of more than ``group_limit`` tokens
+    moved to the end to be swept ahead, renumbered 0..G-1. One host sync."""
+    count = group.shape[0]  # groups <= sequences: buffers sized by S, no host sync before the one below
+    sizes = torch.zeros(3, count, dtype=torch.long, device=group.device)
     sizes[0].index_add_(0, group, lengths.long())
     sizes[1].index_add_(0, group, torch.ones_like(group))
-    tokens_per_group, sequences_per_group = sizes.tolist()
-    num_groups = next((g for g in range(count, 0, -1) if sequences_per_group[g - 1]), 0)
-    tokens_per_group, sequences_per_group = tokens_per_group[:num_groups], sequences_per_group[:num_groups]
-    totals = dict(num_groups=len(tokens_per_group), gal_tokens=sum(tokens_per_group),
-                  width=max(sequences_per_group, default=0))
-    fits = [count <= group_limit for count in tokens_per_group]
-    if all(fits):
-        return GalPlan(rows, group, lengths, tokens_per_group, sequences_per_group, len(rows), len(fits), **totals)
+    if keep is None:
+        sizes[2] = 1
+    else:
+        sizes[2, :keep.shape[0]] = keep.long()
+    tokens, sequences, kept = sizes.tolist()
     starts = [0]
-    for count in sequences_per_group:
-        starts.append(starts[-1] + count)
-    order = [g for g, fit in enumerate(fits) if fit] + [g for g, fit in enumerate(fits) if not fit]
-    permutation = torch.tensor([i for g in order for i in range(starts[g], starts[g + 1])], device=rows.device)
-    new_group = torch.tensor([rank for rank, g in enumerate(order) for _ in range(sequences_per_group[g])],
-                             dtype=torch.long, device=rows.device)
-    fitting = [g for g in order if fits[g]]
-    return GalPlan(rows[permutation], new_group, lengths[permutation], [tokens_per_group[g] for g in fitting],
-                   [sequences_per_group[g] for g in fitting], sum(sequences_per_group[g] for g in fitting),
-                   len(fitting), **totals)
+    for size in sequences:
+        starts.append(starts[-1] + size)
+    used = [g for g in range(count) if sequences[g] and kept[g]]
+    fits = [g for g in used if tokens[g] <= group_limit]
+    ahead = [g for g in used if tokens[g] > group_limit]
+    order = fits + ahead
+    totals = dict(num_groups=len(order), gal_tokens=sum(tokens[g] for g in order),
+                  width=max((sequences[g] for g in order), default=0))
+    common = dict(tokens_per_group=[tokens[g] for g in fits], sequences_per_group=[sequences[g] for g in fits],
+                  ahead_sequence=sum(sequences[g] for g in fits), ahead_group=len(fits), **totals)
+    if order == [g for g in range(count) if sequences[g]]:  # every group, in order: nothing to move
+        return GalPlan(rows, consecutive_group_ids(group), lengths, **common)
+    permutation = torch.tensor([i for g in order for i in range(starts[g], starts[g + 1])], dtype=torch.long,
+                               device=rows.device)
+    new_group = torch.tensor([rank for rank, g in enumerate(order) for _ in range(sequences[g])], dtype=torch.long,
+                             device=rows.device)
+    return GalPlan(rows[permutation], new_group, lengths[permutation], **common)
 
 
 @dataclass

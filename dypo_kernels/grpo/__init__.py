@@ -5,7 +5,7 @@ import torch
 from dypo_kernels.backend import select_backend
 from dypo_kernels.sweep import LOSS_TYPES, LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss, \
     token_mean, token_weights
-from dypo_kernels.validation import check_choice, check_number, check_per_sequence, check_sequence_batch, \
+from dypo_kernels.validation import Checks, check_choice, check_number, check_per_sequence, check_sequence_batch, \
     check_temperature, check_tensor
 
 
@@ -71,9 +71,10 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     sweep. Deterministic on CPU; on CUDA the
     gradient kernel adds tiles with atomics, so the last bits may vary between runs.
     """
-    check_sequence_batch(hidden, weight, bias, targets, mask, old_logps=old_logps, ref_logps=ref_logps)
+    checks = Checks()
+    check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
     check_tensor("advantages", advantages)
-    check_per_sequence(hidden.shape[0], hidden.device, advantages=advantages)
+    check_per_sequence(hidden.shape[0], hidden.device, checks, advantages=advantages)
     check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, use_bias_correction_kl=use_bias_correction_kl)
     check_temperature(temperature)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
@@ -82,7 +83,9 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     impl = select_impl(impl, backend, hidden.device)
 
     mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
-    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask)
+    tokens = checks.count(mask.sum())
+    checks.run()
+    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, tokens.value)
     weights = token_weights(loss_type, mask, sequence, max_len)
     terms = TokenTerms(pg_weight=weights, advantages=advantages.detach().float()[sequence], eps_low=eps_low,
                        eps_high=eps_high)

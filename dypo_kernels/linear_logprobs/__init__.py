@@ -4,8 +4,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import LogprobPass, loss_chunks, score, select_impl, sweep
-from dypo_kernels.validation import check_linear_head, check_same_device, check_targets, check_temperature
+from dypo_kernels.sweep import LogprobPass, loss_chunks, positions_of, score, select_impl, sweep
+from dypo_kernels.validation import Checks, check_linear_head, check_same_device, check_targets, check_temperature
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -65,8 +65,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
 
     Differentiable in ``hidden``, ``weight`` and ``bias``; the weight gradient is accumulated in fp32.
     Cost, for N kept tokens: forward 2NDV FLOP (all there is under torch.no_grad: scoring), backward 6NDV (the
-    logits are recomputed chunk by chunk). Extra memory O(N*D + V*D + chunk): never an N x V tensor. Two host
-    synchronisations, both before any product: the out-of-range target check and the selection of the kept rows.
+    logits are recomputed chunk by chunk). Extra memory O(N*D + V*D + chunk): never an N x V tensor. One host
+    synchronisation, before any product: the target check, read with the number of kept rows.
     "chunked" is deterministic (no atomics: the same inputs give the same bits); "fused" adds tile products with
     atomics, so its gradients may differ in the last bits from run to run.
 
@@ -78,15 +78,19 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     """
     check_linear_head(hidden, weight, bias)
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     check_temperature(temperature)
+    checks = Checks()
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, checks=checks)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    used = flat_targets != ignore_index
+    count = checks.count(used.sum())
+    checks.run()
     backend = select_backend(hidden.device)
     impl = select_impl(impl, backend, hidden.device)
 
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1)
-    kept = (flat_targets != ignore_index).nonzero().squeeze(1)
-    all_kept = kept.numel() == flat_targets.numel()
+    kept = positions_of(used, count.value)
+    all_kept = count.value == flat_targets.numel()
     kept_hidden = flat_hidden if all_kept else flat_hidden.index_select(0, kept)
     kept_targets = flat_targets if all_kept else flat_targets.index_select(0, kept)
     logps, entropy = LinearLogprobsFunction.apply(kept_hidden.contiguous(), weight.contiguous(), bias,

@@ -10,9 +10,9 @@ import torch
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
-from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, select_impl, sweep_loss
+from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, positions_of, select_impl, sweep_loss
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
-from dypo_kernels.validation import check_choice, check_linear_head, check_number, check_same_device, \
+from dypo_kernels.validation import Checks, check_choice, check_mask_values, check_linear_head, check_number, check_same_device, \
     check_temperature, check_tensor
 
 @dataclass
@@ -73,6 +73,21 @@ def teacher_operands(teachers):
     """(hidden rows, weight operand, fp32 bias) of each teacher, frozen."""
     return [(hidden, operand(weight.detach()), None if bias is None else bias.detach().float())
             for hidden, weight, bias in teachers]
+
+
+def kept_rows(flat_student, mask, checks=None):
+    """(indices or None, the student's rows [N, D]) of the tokens ``mask`` keeps, after ``checks`` (read here with the
+    count: one host sync)."""
+    checks = Checks() if checks is None else checks
+    check_mask_values(mask, checks)
+    if mask is None:
+        checks.run()
+        return None, flat_student.contiguous()
+    flags = mask.reshape(-1).bool()
+    count = checks.count(flags.sum())
+    checks.run()
+    kept = positions_of(flags, count.value)
+    return kept, flat_student.index_select(0, kept)
 
 
 def check_teacher_lists(**lists):
@@ -187,12 +202,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     coefs = [coefs[i] for i in used]
 
     flat_student = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if mask is None:
-        kept = None
-        kept_student = flat_student.contiguous()
-    else:
-        kept = mask.reshape(-1).bool().nonzero().squeeze(1)
-        kept_student = flat_student.index_select(0, kept)
+    kept, kept_student = kept_rows(flat_student, mask)
     teachers = []
     for hidden, weight, bias in ((teacher_hiddens[i], teacher_weights[i], biases[i]) for i in used):
         flat = hidden.detach().reshape(-1, hidden.shape[-1])

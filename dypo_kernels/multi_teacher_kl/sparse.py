@@ -8,11 +8,11 @@ from typing import List, Optional
 import torch
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists
+from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists, kept_rows
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
-from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_temperature, \
+from dypo_kernels.validation import Checks, check_choice, check_linear_head, check_same_device, check_temperature, \
     check_tensor
 
 TAILS = ("bucket", "renormalize")
@@ -98,7 +98,7 @@ class SparseTeachersPass:
         return self.values.sum() * self.loss_scale
 
 
-def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teacher_logps, teacher_coefs):
+def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teacher_logps, teacher_coefs, checks):
     count = check_teacher_lists(teacher_token_ids=teacher_token_ids, teacher_logps=teacher_logps)
     leading = tuple(student_hidden.shape[:-1])
     for i, (ids, logps) in enumerate(zip(teacher_token_ids, teacher_logps)):
@@ -112,15 +112,14 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
                              f"{tuple(ids.shape)}")
         if ids.numel() == 0:
             continue
-        if bool(((ids < 0) | (ids >= vocab_size)).any()):
-            raise ValueError(f"teacher_token_ids[{i}] must lie in [0, {vocab_size})")
+        checks.require(~((ids < 0) | (ids >= vocab_size)).any(), f"teacher_token_ids[{i}] must lie in [0, {vocab_size})")
         ordered = ids.sort(-1).values
-        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-            raise ValueError(f"teacher_token_ids[{i}] repeats a token id within a position")
-        if bool(torch.isnan(logps).any()) or bool((logps > MASS_TOLERANCE).any()):
-            raise ValueError(f"teacher_logps[{i}] must be log-probabilities (<= 0, -inf allowed, no NaN)")
-        if bool((logps.float().exp().sum(-1) > 1 + MASS_TOLERANCE).any()):
-            raise ValueError(f"teacher_logps[{i}]: a position's top-k probabilities sum to more than 1")
+        checks.require(~(ordered[..., 1:] == ordered[..., :-1]).any(),
+                       f"teacher_token_ids[{i}] repeats a token id within a position")
+        checks.require(~(torch.isnan(logps) | (logps > MASS_TOLERANCE)).any(),
+                       f"teacher_logps[{i}] must be log-probabilities (<= 0, -inf allowed, no NaN)")
+        checks.require(~(logps.float().exp().sum(-1) > 1 + MASS_TOLERANCE).any(),
+                       f"teacher_logps[{i}]: a position's top-k probabilities sum to more than 1")
     return check_teacher_coefs(teacher_coefs, count)
 
 
@@ -154,8 +153,9 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
     """
     check_linear_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight",
                       "student_bias")
+    checks = Checks()
     coefs = _check_sparse_teachers(student_hidden, student_weight.shape[0], teacher_token_ids, teacher_logps,
-                                   teacher_coefs)
+                                   teacher_coefs, checks)
     check_student_mask(mask, student_hidden)
     check_choice("tail", tail, TAILS)
     check_temperature(temperature)
@@ -165,9 +165,7 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
     backend = select_backend(student_hidden.device)
     impl = select_impl(impl, backend, student_hidden.device, has_fused=False)
 
-    flat_student = student_hidden.reshape(-1, student_hidden.shape[-1])
-    kept = None if mask is None else mask.reshape(-1).bool().nonzero().squeeze(1)
-    kept_student = flat_student.contiguous() if kept is None else flat_student.index_select(0, kept)
+    kept, kept_student = kept_rows(student_hidden.reshape(-1, student_hidden.shape[-1]), mask, checks)
     teachers = []
     for coef, ids, logps in zip(coefs, teacher_token_ids, teacher_logps):
         if coef == 0:

@@ -2,7 +2,7 @@
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss
-from dypo_kernels.validation import check_choice, check_linear_head, check_same_device, check_targets, \
+from dypo_kernels.validation import Checks, check_choice, check_linear_head, check_same_device, check_targets, \
     check_temperature, check_tensor
 
 REDUCTIONS = ("token_mean", "seq_mean")
@@ -50,13 +50,16 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     valid = targets != ignore_index
     if mask is not None:
         valid &= mask.bool()
-    check_targets(targets.masked_fill(~valid, 0), targets.shape, weight.shape[0], None)
+    checks = Checks()
+    check_targets(targets.masked_fill(~valid, 0), targets.shape, weight.shape[0], None, checks=checks)
+    tokens = checks.count(valid.sum())
+    checks.run()
     backend = select_backend(hidden.device)
     impl = select_impl(impl, backend, hidden.device)
 
     valid = valid.reshape(-1, targets.shape[-1])
     _, sequence, kept_hidden, kept_targets = select_tokens(hidden.reshape(*valid.shape, hidden.shape[-1]),
-                                                           targets.reshape(valid.shape), valid)
+                                                           targets.reshape(valid.shape), valid, tokens.value)
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend,
                           terms=TokenTerms(nll_weight=sft_weights(reduction, valid, sequence)))
     return sweep_loss(kept_hidden, weight, bias, op_pass, loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes),
