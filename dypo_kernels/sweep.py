@@ -161,13 +161,12 @@ def _accumulate_product(accumulator, a, b):
     accumulator.addmm_(a.float(), b.float())
 
 
-def chunk_logits(hidden_rows, weight_operand, bias, inv_temperature, out=None):
-    """fp32 [r, V] logits (h W^T + b) / T of one chunk (into ``out`` if given); ``weight_operand`` as ``operand``
-    returns it, ``bias`` fp32."""
+def chunk_logits(hidden_rows, weight_operand, bias, out=None):
+    """fp32 [r, V] logits h W^T + b of one chunk (into ``out`` if given), not yet divided by the temperature (the
+    vocabulary passes do that, vocab_pass.divide_by_temperature); ``weight_operand`` as ``operand`` returns it,
+    ``bias`` fp32."""
     logits = _product(hidden_rows, weight_operand.T, out=out)
-    if bias is not None:
-        logits += bias
-    return logits if inv_temperature == 1.0 else logits.mul_(inv_temperature)
+    return logits if bias is None else logits.add_(bias)
 
 
 def operand(tensor):
@@ -192,7 +191,7 @@ def sweep(hidden, weight, bias, op_pass, chunks, *, needs_input_grad, impl="chun
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
     for chunk in chunks:
         hidden_rows = hidden[chunk.rows]
-        logits = chunk_logits(hidden_rows, weight_operand, bias32, op_pass.inv_temperature)
+        logits = chunk_logits(hidden_rows, weight_operand, bias32)
         workspace = None
         if wants_gradient:
             workspace = logits if ws_dtype == torch.float32 else torch.empty(logits.shape, dtype=ws_dtype,
@@ -360,19 +359,20 @@ class LogprobPass:
 
     def chunk(self, chunk, logits, workspace):
         targets = self.targets[chunk.rows]
+        still = vocab_pass.divide_by_temperature(logits, self.inv_temperature, self.backend)
         if self.grad_logp is not None:
             lse, entropy = self.lse[chunk.rows], self.entropy[chunk.rows]
             coef_logp, coef_entropy = self.coefficients(chunk, lse, None, entropy)
         else:
-            lse, target_logit, entropy = vocab_pass.row_stats(logits, targets, self.backend)
+            lse, target_logit, entropy = vocab_pass.row_stats(logits, targets, still, self.backend)
             coef_logp, coef_entropy = self.coefficients(chunk, lse, target_logit, entropy)
         if workspace is None:
             return None
-        scale = self.inv_temperature  # the gradient with respect to the raw logits
+        scale = self.inv_temperature  # dz/dlogits: the gradient with respect to the products
         return vocab_pass.logit_gradient(logits, targets, lse.contiguous(), entropy.contiguous(),
                                          (coef_logp * scale).float().contiguous(),
                                          None if coef_entropy is None else (coef_entropy * scale).float().contiguous(),
-                                         workspace, self.backend)
+                                         workspace, still, self.backend)
 
     def total(self):
         """The scalar loss: sum_t L_t, plus GAL's value."""

@@ -10,6 +10,7 @@ import torch
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
+from dypo_kernels import vocab_pass
 from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, positions_of, select_impl, sweep_loss
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
 from dypo_kernels.validation import Checks, check_choice, check_mask_values, check_linear_head, check_number, check_same_device, \
@@ -44,10 +45,12 @@ class DenseTeachersPass:
     def chunk(self, chunk, logits, workspace):
         teacher_logits = torch.empty((len(self.teachers), *logits.shape), dtype=torch.float32, device=logits.device)
         for i, (hidden, weight, bias) in enumerate(self.teachers):
-            chunk_logits(hidden[chunk.rows], weight, bias, self.inv_temperature, out=teacher_logits[i])
+            chunk_logits(hidden[chunk.rows], weight, bias, out=teacher_logits[i])
+        still = vocab_pass.divide_by_temperature(logits, self.inv_temperature, self.backend)
+        vocab_pass.divide_by_temperature(teacher_logits, self.inv_temperature, self.backend)
         out = logits if workspace is None else workspace
         self.values[chunk.rows] = divergence_pass(logits, teacher_logits, self.coefs, self.divergence, self.jsd_beta,
-                                                  self.aggregate, self.loss_scale * self.inv_temperature, out,
+                                                  self.aggregate, self.loss_scale * self.inv_temperature, out, still,
                                                   self.backend)
         return workspace
 
@@ -55,14 +58,16 @@ class DenseTeachersPass:
         return self.values.sum() * self.loss_scale
 
 
-def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale, out, backend):
-    """Each row's divergence [rows]; ``out`` (fp32, bf16 or fp16 [rows, V]; may be ``student``) receives grad_scale
-    times its gradient with respect to the student's logits, subnormal entries as 0."""
+def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale, out, inv_temperature,
+                    backend):
+    """Each row's divergence [rows] for logits times ``inv_temperature`` (as vocab_pass.divide_by_temperature
+    returns it); ``out`` (fp32, bf16 or fp16 [rows, V]; may be ``student``) receives grad_scale times its gradient
+    with respect to the student's logits, subnormal entries as 0."""
     if backend == "triton":
         from dypo_kernels.multi_teacher_kl import triton_kernels
 
         return triton_kernels.divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale,
-                                              out)
+                                              out, inv_temperature)
     value, gradient = torch_pass.divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate)
     gradient.mul_(grad_scale).masked_fill_(gradient.abs() < SMALLEST_NORMAL, 0.0)
     out.copy_(gradient)

@@ -86,6 +86,8 @@ class SparseTeachersPass:
 
     def chunk(self, chunk, logits, workspace):
         rows = chunk.rows
+        if self.inv_temperature != 1.0:
+            logits.mul_(self.inv_temperature)
         value, gradient = sparse_pass(logits, [(ids[rows], logps[rows]) for _, ids, logps in self.teachers],
                                       [coef for coef, _, _ in self.teachers], self.tail)
         self.values[rows] = value

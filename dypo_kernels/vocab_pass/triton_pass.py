@@ -1,5 +1,6 @@
-"""Triton passes over one chunk of fp32 logits z [R, V] (cuBLAS's product, already divided by the temperature) for
-the log-prob losses: the row statistics of the forward and the logit gradient of the backward.
+"""Triton passes over one chunk of fp32 logits for the log-prob losses: the row statistics and the logit gradient.
+They take cuBLAS's product as it is and divide by the temperature as they load (z = product * inv_temperature),
+so a temperature costs no extra pass over the chunk.
 
 One program per row, looping over the row in blocks of BLOCK_V; row offsets in int64 (R V can pass 2^31).
 Memory-bound: ``row_stats`` reads each logit once (4 B per logit), ``logit_gradient`` reads it once and writes its
@@ -17,7 +18,8 @@ FP32_TINY = tl.constexpr(2.0 ** -126)  # fp32's smallest normal, torch.finfo(tor
 
 
 @triton.jit
-def _row_stats_kernel(p_logits, p_targets, p_lse, p_target_logit, p_entropy, V, BLOCK_V: tl.constexpr):
+def _row_stats_kernel(p_logits, p_targets, p_lse, p_target_logit, p_entropy, V, inv_temperature,
+                      BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     p_row = p_logits + row.to(tl.int64) * V
     # one scalar max for the row so far, so each logit costs one exp; the sums stay per lane, rescaled by it
@@ -26,7 +28,7 @@ def _row_stats_kernel(p_logits, p_targets, p_lse, p_target_logit, p_entropy, V, 
     b_sum_exp_shifted = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum of e * (z - row_max)
     for v_start in range(0, V, BLOCK_V):
         o_v = v_start + tl.arange(0, BLOCK_V)
-        b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf"))
+        b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")) * inv_temperature
         new_max = tl.maximum(row_max, tl.max(b_z, axis=0))
         # a row holding only -inf so far keeps a finite reference point, so no -inf - -inf appears
         ref = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -43,12 +45,12 @@ def _row_stats_kernel(p_logits, p_targets, p_lse, p_target_logit, p_entropy, V, 
     log_sum = tl.log(sum_exp)
     tl.store(p_lse + row, ref + log_sum)
     tl.store(p_entropy + row, log_sum - tl.sum(b_sum_exp_shifted, axis=0) / sum_exp)
-    tl.store(p_target_logit + row, tl.load(p_row + tl.load(p_targets + row)))
+    tl.store(p_target_logit + row, tl.load(p_row + tl.load(p_targets + row)) * inv_temperature)
 
 
 @triton.jit
 def _logit_gradient_kernel(p_logits, p_targets, p_lse, p_entropy, p_coef_logp, p_coef_entropy, p_out, V,
-                           HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                           inv_temperature, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     o_row = row.to(tl.int64) * V
     # int32 (V < 2^31): an int64 comparison with the block's columns would widen them all to 64 bits
@@ -61,7 +63,7 @@ def _logit_gradient_kernel(p_logits, p_targets, p_lse, p_entropy, p_coef_logp, p
     for v_start in range(0, V, BLOCK_V):
         o_v = v_start + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_z = tl.load(p_logits + o_row + o_v, mask=m_v, other=float("-inf"))
+        b_z = tl.load(p_logits + o_row + o_v, mask=m_v, other=float("-inf")) * inv_temperature
         b_log_p = b_z - lse
         b_p = tl.exp(b_log_p)
         b_grad = coef_logp * (tl.where(o_v == target, 1.0, 0.0) - b_p)
@@ -72,22 +74,23 @@ def _logit_gradient_kernel(p_logits, p_targets, p_lse, p_entropy, p_coef_logp, p
         tl.store(p_out + o_row + o_v, b_grad.to(p_out.dtype.element_ty), mask=m_v)
 
 
-def row_stats(logits, targets):
-    """(lse, target_logit, entropy), each fp32 [R], of a chunk's logits z (fp32 [R, V], contiguous) and targets
+def row_stats(logits, targets, inv_temperature=1.0):
+    """(lse, target_logit, entropy), each fp32 [R], of a chunk's logits z = logits * inv_temperature (logits fp32
+    [R, V], contiguous) and targets
     y (int64 [R], in [0, V)): lse = logsumexp(z), target_logit = z[y], entropy = lse - sum_v softmax(z)_v z_v.
 
     One read of each logit (4 B), an online max with sum e and sum e (z - max) rescaled as it grows; the target
     logit is one scalar load. -inf logits add nothing; a NaN makes its row's lse and entropy NaN. Deterministic."""
     rows, vocab = logits.shape
     lse, target_logit, entropy = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
-    _row_stats_kernel[(rows,)](logits, targets, lse, target_logit, entropy, vocab, BLOCK_V=BLOCK_V,
-                               num_warps=NUM_WARPS)
+    _row_stats_kernel[(rows,)](logits, targets, lse, target_logit, entropy, vocab, float(inv_temperature),
+                               BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return lse, target_logit, entropy
 
 
-def logit_gradient(logits, targets, lse, entropy, coef_logp, coef_entropy, out):
-    """Writes the logit gradient of sum_r coef_logp[r] log p_r[y_r] + coef_entropy[r] H_r into ``out`` and returns
-    it: with p = exp(z - lse[r]),
+def logit_gradient(logits, targets, lse, entropy, coef_logp, coef_entropy, out, inv_temperature=1.0):
+    """Writes the gradient with respect to z of sum_r coef_logp[r] log p_r[y_r] + coef_entropy[r] H_r into ``out``
+    and returns it: with z = logits * inv_temperature and p = exp(z - lse[r]),
 
         out[r, v] = coef_logp[r] (1[v == y_r] - p) - coef_entropy[r] p (z - (lse[r] - entropy[r]))
 
@@ -102,8 +105,8 @@ def logit_gradient(logits, targets, lse, entropy, coef_logp, coef_entropy, out):
     rows, vocab = logits.shape
     has_entropy = coef_entropy is not None
     _logit_gradient_kernel[(rows,)](logits, targets, lse, entropy if has_entropy else lse, coef_logp,
-                                    coef_entropy if has_entropy else coef_logp, out, vocab, HAS_ENTROPY=has_entropy,
-                                    BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+                                    coef_entropy if has_entropy else coef_logp, out, vocab, float(inv_temperature),
+                                    HAS_ENTROPY=has_entropy, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return out
 
 
@@ -112,11 +115,12 @@ def aot_specs():
     ahead-of-time compilation checks (dypo_kernels/aot.py)."""
     launch = dict(num_warps=NUM_WARPS, num_stages=1)
     stats_signature = {"p_logits": "*fp32", "p_targets": "*i64", "p_lse": "*fp32", "p_target_logit": "*fp32",
-                       "p_entropy": "*fp32", "V": "i32:16"}
+                       "p_entropy": "*fp32", "V": "i32:16", "inv_temperature": "fp32"}
 
     def gradient_signature(out):
         return {"p_logits": "*fp32", "p_targets": "*i64", "p_lse": "*fp32", "p_entropy": "*fp32",
-                "p_coef_logp": "*fp32", "p_coef_entropy": "*fp32", "p_out": f"*{out}", "V": "i32:16"}
+                "p_coef_logp": "*fp32", "p_coef_entropy": "*fp32", "p_out": f"*{out}", "V": "i32:16",
+                "inv_temperature": "fp32"}
 
     # out spelled bfloat16, not bf16: names with "bf16" are the 16-bit GEMM kernels the AOT tests expect wgmma of
     return [("vocab_row_stats", _row_stats_kernel, stats_signature, dict(BLOCK_V=BLOCK_V), launch)] + [

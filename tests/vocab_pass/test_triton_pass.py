@@ -174,3 +174,19 @@ def test_reference_gradient_is_the_losses_gradient():
     lse, _, ref_entropy = reference_stats(z.detach(), targets.cpu())
     gradient, _ = reference_gradient(z.detach(), targets.cpu(), lse, ref_entropy, coef_logp.cpu(), coef_entropy.cpu())
     torch.testing.assert_close(gradient, expected)
+
+
+@pytest.mark.parametrize("inv_temperature", [0.5, 1.7])
+def test_the_temperature_is_applied_as_the_logits_load(inv_temperature):
+    """Both passes on the raw products with inv_temperature give what they give on the divided logits."""
+    products, targets, coef_logp, coef_entropy = make_logits(3, 100, "normal", seed=5)
+    divided = products * inv_temperature
+    for stat, expected in zip(triton_pass.row_stats(products, targets, inv_temperature),
+                              triton_pass.row_stats(divided, targets)):
+        torch.testing.assert_close(stat, expected, rtol=1e-6, atol=1e-6)
+    lse, _, entropy = triton_pass.row_stats(divided, targets)
+    scaled = triton_pass.logit_gradient(products, targets, lse, entropy, coef_logp, coef_entropy,
+                                        torch.empty_like(products), inv_temperature)
+    plain = triton_pass.logit_gradient(divided, targets, lse, entropy, coef_logp, coef_entropy,
+                                       torch.empty_like(divided))
+    torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-7)
