@@ -17,6 +17,7 @@ The op passes (``LogprobPass`` here for every log-prob op; multi_teacher_kl's fo
 ``chunk(chunk, logits, workspace)`` method; ``TokenTerms`` holds the per-token math of the losses, written once.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, NamedTuple, Optional
@@ -89,6 +90,23 @@ def rows_per_chunk(budget, vocab_size, bytes_per_logit, device):
     return rows - rows % 128 if device.type == "cuda" and rows >= 256 else rows
 
 
+def chunk_layout(bytes_per_logit, weight, device, backend, impl, chunk_bytes):
+    """(rows per chunk, rows per wave) within the chunk budget. On CPU the gradient is written over the logits and
+    each chunk is its own wave. On Triton a quarter of the budget holds a chunk's fp32 logits and three quarters the
+    16-bit gradient of the chunks that share one weight-gradient product: its depth (the wave's rows) sets how often
+    that product reads and writes the fp32 [V, D] accumulator, 2 x 4VD bytes a wave (5 GB at V 151,936, D 4,096)."""
+    if impl == "fused":
+        return math.inf, math.inf
+    budget = chunk_budget(chunk_bytes, device)
+    vocab = weight.shape[0]
+    if backend != "triton":
+        rows = rows_per_chunk(budget, vocab, bytes_per_logit, device)
+        return rows, rows
+    rows = rows_per_chunk(budget // 4, vocab, bytes_per_logit, device)
+    wave = budget * 3 // 4 // (vocab * (torch.finfo(workspace_dtype(weight, backend)).bits // 8))
+    return rows, max(rows, wave)
+
+
 def workspace_dtype(weight, backend):
     """The logit gradient's dtype: the operands' on Triton (CUDA's products take it); fp32 on the CPU backends,
     whose products run in fp32 and whose passes write the gradient over the logits."""
@@ -97,7 +115,8 @@ def workspace_dtype(weight, backend):
 
 class Chunk(NamedTuple):
     """Token rows [start, stop) of one step of the sweep; for ops that need whole groups (GAL), the sequences
-    [first_sequence, last_sequence) and groups [first_group, last_group) whose tokens all lie in it."""
+    [first_sequence, last_sequence) and groups [first_group, last_group) whose tokens all lie in it.
+    ``closes_wave``: the weight-gradient product of the wave this chunk ends runs after it."""
 
     start: int
     stop: int
@@ -105,6 +124,7 @@ class Chunk(NamedTuple):
     last_sequence: int = 0
     first_group: int = 0
     last_group: int = 0
+    closes_wave: bool = True
 
     @property
     def rows(self):
@@ -113,6 +133,17 @@ class Chunk(NamedTuple):
 
 def even_chunks(count, rows):
     return [Chunk(start, min(start + rows, count)) for start in range(0, count, rows)]
+
+
+def with_waves(chunks, wave_rows):
+    """``chunks`` grouped into waves of at most ``wave_rows`` rows (a larger chunk is a wave of its own)."""
+    marked, wave_start = [], 0
+    for index, chunk in enumerate(chunks):
+        if not marked or marked[-1].closes_wave:
+            wave_start = chunk.start
+        following = chunks[index + 1] if index + 1 < len(chunks) else None
+        marked.append(chunk._replace(closes_wave=following is None or following.stop - wave_start > wave_rows))
+    return marked
 
 
 def whole_group_chunks(tokens_per_group, sequences_per_group, capacity, free_tokens=0):
@@ -177,38 +208,56 @@ def operand(tensor):
 def sweep(hidden, weight, bias, op_pass, chunks, *, needs_input_grad, impl="chunked"):
     """Runs ``op_pass`` over the rows ``hidden`` [N, D] (contiguous) of the head ``weight`` [V, D], ``bias`` [V] or
     None. Returns the fp32 gradients (hidden, weight, bias) of the pass's objective, None where not needed (and
-    none at all, with no gradient work, when nothing is needed). ``chunks``: Chunk list covering the rows."""
+    none at all, with no gradient work, when nothing is needed). ``chunks``: Chunk list covering the rows in order,
+    in waves (with_waves): on Triton the chunks of a wave write their gradients into one workspace, and the wave
+    takes one weight-gradient product."""
     if impl == "fused":
         return _fused_sweep(hidden, weight, bias, op_pass, needs_input_grad)
     device, count = hidden.device, hidden.shape[0]
     needs_hidden, needs_weight, needs_bias = needs_input_grad
-    wants_gradient = any(needs_input_grad)
     weight_operand = operand(weight)
     bias32 = None if bias is None else bias.float()
-    ws_dtype = workspace_dtype(weight, op_pass.backend)
     grad_hidden = torch.empty(count, hidden.shape[1], dtype=torch.float32, device=device) if needs_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
+    wave = None
+    if any(needs_input_grad) and op_pass.backend == "triton":  # else the gradient is written over the logits
+        wave = torch.empty(_largest_wave(chunks), weight.shape[0], dtype=workspace_dtype(weight, op_pass.backend),
+                           device=device)
+    wave_start = 0
     for chunk in chunks:
+        if chunk.stop == chunk.start:
+            continue
         hidden_rows = hidden[chunk.rows]
         logits = chunk_logits(hidden_rows, weight_operand, bias32)
         workspace = None
-        if wants_gradient:
-            workspace = logits if ws_dtype == torch.float32 else torch.empty(logits.shape, dtype=ws_dtype,
-                                                                            device=device)
+        if any(needs_input_grad):
+            workspace = logits if wave is None else wave[chunk.start - wave_start:chunk.stop - wave_start]
         grad_logits = op_pass.chunk(chunk, logits, workspace)
-        del logits  # one chunk's buffers alive at a time
+        del logits  # one chunk's logits alive at a time
         if grad_logits is None:
             continue
         if needs_hidden:
             _product(grad_logits, weight_operand, out=grad_hidden[chunk.rows])
-        if needs_weight:
-            _accumulate_product(grad_weight, grad_logits.T, hidden_rows if device.type == "cuda" else
-                                hidden_rows.float())
         if needs_bias:
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        if needs_weight and chunk.closes_wave:
+            wave_rows = slice(chunk.start if wave is None else wave_start, chunk.stop)
+            wave_gradient = grad_logits if wave is None else wave[:chunk.stop - wave_start]
+            _accumulate_product(grad_weight, wave_gradient.T, operand(hidden[wave_rows]))
+        if chunk.closes_wave:
+            wave_start = chunk.stop
         del grad_logits, workspace
     return grad_hidden, grad_weight, grad_bias
+
+
+def _largest_wave(chunks):
+    largest, start = 0, 0
+    for chunk in chunks:
+        largest = max(largest, chunk.stop - start)
+        if chunk.closes_wave:
+            start = chunk.stop
+    return largest
 
 
 def _fused_sweep(hidden, weight, bias, op_pass, needs_input_grad):
@@ -292,11 +341,10 @@ class TokenTerms:
         return value, gradient, parts
 
 
-def logprob_bytes_per_logit(backend, ws_dtype):
-    """What one logit of a LogprobPass chunk costs: the fp32 logits, the workspace when separate, the torch pass's
-    two temporaries."""
-    separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
-    return 4 + separate + (8 if backend == "torch" else 0)
+def logprob_bytes_per_logit(backend):
+    """What a LogprobPass holds per logit of its chunk beside the gradient workspace: the fp32 logits, and the torch
+    pass's two temporaries."""
+    return 4 + (8 if backend == "torch" else 0)
 
 
 @dataclass
@@ -330,8 +378,9 @@ class LogprobPass:
                 if given is None else given
         self.lse, self.logps, self.entropy, self.value = map(buffer, (self.lse, self.logps, self.entropy, self.value))
 
-    def bytes_per_logit(self, ws_dtype):
-        return logprob_bytes_per_logit(self.backend, ws_dtype)
+    @property
+    def bytes_per_logit(self):
+        return logprob_bytes_per_logit(self.backend)
 
     def whole_chunk(self):
         count = self.targets.shape[0]
@@ -413,18 +462,12 @@ def sweep_loss(hidden, weight, bias, op_pass, chunks, impl):
     return SweepLoss.apply(hidden, weight, bias, op_pass, chunks, impl, torch.is_grad_enabled())
 
 
-def capacity_rows(op_pass, hidden, weight, impl, chunk_bytes):
-    """Rows of one chunk of ``op_pass``'s sweep within the chunk budget (all of them for the fused impl)."""
-    if impl == "fused":
-        return max(hidden.shape[0], 1)
-    budget = chunk_budget(chunk_bytes, hidden.device)
-    per_logit = op_pass.bytes_per_logit(workspace_dtype(weight, op_pass.backend))
-    return rows_per_chunk(budget, weight.shape[0], per_logit, hidden.device)
-
-
 def loss_chunks(op_pass, hidden, weight, impl, chunk_bytes):
-    """Even chunks of the kept rows for a pass without groups."""
-    return even_chunks(hidden.shape[0], capacity_rows(op_pass, hidden, weight, impl, chunk_bytes)) or [Chunk(0, 0)]
+    """Even chunks of the kept rows, in waves, for a pass without groups."""
+    rows, wave = chunk_layout(op_pass.bytes_per_logit, weight, hidden.device, op_pass.backend, impl, chunk_bytes)
+    if hidden.shape[0] == 0:
+        return [Chunk(0, 0)]
+    return with_waves(even_chunks(hidden.shape[0], min(rows, hidden.shape[0])), wave)
 
 
 def score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):

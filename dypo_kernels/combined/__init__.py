@@ -7,7 +7,7 @@ import torch
 from dypo_kernels.advantages import grouped_advantages
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal import sequence_logprobs
-from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_capacity, gal_chunks, plan_gal, \
+from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_layout, gal_chunks, plan_gal, \
     sweep_ahead
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
@@ -203,8 +203,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     gal_fraction = here.gal_groups / whole.gal_groups if whole.gal_groups else 1.0  # of the whole's GAL groups
     with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # GAL's metrics even where this part has no pair
     if with_gal:  # the RL rows in GAL's sweep order: whole groups per chunk
-        capacity = gal_capacity(weight, device, backend, impl, chunk_bytes)
-        plan = plan_gal(rl_rows, rl_group, mask[rl_rows].sum(-1), GROUP_GROWTH * capacity)
+        layout = gal_layout(weight, device, backend, impl, chunk_bytes)
+        plan = plan_gal(rl_rows, rl_group, mask[rl_rows].sum(-1), GROUP_GROWTH * layout[0])
         rl_rows, rl_group = plan.rows, plan.group
     rl_rewards = rewards[rl_rows].float()
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, here.tokens_rl + here.tokens_sft,
@@ -238,7 +238,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
     else:  # chunks of whole RL groups, then the SFT tokens: each computes its groups' GAL coefficients
         sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
-        chunks = gal_chunks(plan, capacity, kept.shape[0])
+        chunks = gal_chunks(plan, layout, kept.shape[0])
     loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
     if not return_metrics:
         return loss

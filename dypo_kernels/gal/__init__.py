@@ -5,7 +5,7 @@ import torch
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
-from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_capacity, gal_chunks, plan_gal, sweep_ahead
+from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_layout, gal_chunks, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
 from dypo_kernels.sweep import LogprobPass, select_impl, select_tokens, sweep_loss
 from dypo_kernels.validation import Checks, check_number, check_per_sequence, check_same_device, check_sequence_batch, \
@@ -133,9 +133,9 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     if ref_logps is not None:
         ref_seq_logps = sequence_logprobs(ref_logps.detach(), mask, average_log_prob)
     order = torch.arange(ids.shape[0], device=device) if group_size is not None else torch.argsort(ids, stable=True)
-    capacity = gal_capacity(weight, device, backend, impl, chunk_bytes)
+    layout = gal_layout(weight, device, backend, impl, chunk_bytes)
     # the groups whose rewards are not all equal (the only ones with pairs), each group's rows together
-    plan = plan_gal(order, ids[order], mask[order].sum(-1), GROUP_GROWTH * capacity,
+    plan = plan_gal(order, ids[order], mask[order].sum(-1), GROUP_GROWTH * layout[0],
                     keep=has_pair(rewards, ids, groups.value))
     _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, plan.gal_tokens, plan.rows)
     gal = GalTerms.of_plan(plan, kept_hidden.shape[0], rewards=rewards[plan.rows].float(), beta=beta,
@@ -143,5 +143,5 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
                            divisor=plan.lengths.clamp(min=1).float() if average_log_prob else None)
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, gal=gal)
     sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
-    loss = sweep_loss(kept_hidden, weight, bias, op_pass, gal_chunks(plan, capacity, kept_hidden.shape[0]), impl)
+    loss = sweep_loss(kept_hidden, weight, bias, op_pass, gal_chunks(plan, layout, kept_hidden.shape[0]), impl)
     return (loss, gal.loss_and_metrics()[1]) if return_metrics else loss

@@ -10,15 +10,13 @@ The GAL gradient is sum_i c_i grad S_i, and c_i depends on the current S of ever
   memory stays bounded whatever the group size.
 """
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
 from dypo_kernels.gal.pairs import coefficients, has_pair, loss_and_metrics, pair_terms
-from dypo_kernels.sweep import Chunk, chunk_budget, logprob_bytes_per_logit, rows_per_chunk, score, \
-    whole_group_chunks, workspace_dtype
+from dypo_kernels.sweep import Chunk, chunk_layout, logprob_bytes_per_logit, score, whole_group_chunks, with_waves
 
 GROUP_GROWTH = 8
 
@@ -172,19 +170,17 @@ class GalTerms:
 
 
 
-def gal_capacity(weight, device, backend, impl, chunk_bytes):
-    """Tokens of one chunk of a log-prob sweep (no limit for the fused impl's single call)."""
-    if impl == "fused":
-        return math.inf
-    budget = chunk_budget(chunk_bytes, device)
-    return rows_per_chunk(budget, weight.shape[0], logprob_bytes_per_logit(backend, workspace_dtype(weight, backend)),
-                          device)
+def gal_layout(weight, device, backend, impl, chunk_bytes):
+    """(tokens per chunk, rows per wave) of a log-prob sweep (chunk_layout; no limit for the fused impl)."""
+    return chunk_layout(logprob_bytes_per_logit(backend), weight, device, backend, impl, chunk_bytes)
 
 
-def gal_chunks(plan, capacity, num_tokens):
+def gal_chunks(plan, layout, num_tokens):
     """The sweep's chunks: whole groups (each chunk growing to its largest group), then the other tokens."""
-    return whole_group_chunks(plan.tokens_per_group, plan.sequences_per_group, capacity,
-                              num_tokens - plan.chunked_tokens) or [Chunk(0, 0)]
+    capacity, wave = layout
+    chunks = whole_group_chunks(plan.tokens_per_group, plan.sequences_per_group, capacity,
+                                num_tokens - plan.chunked_tokens)
+    return with_waves(chunks, wave) or [Chunk(0, 0)]
 
 
 def sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):

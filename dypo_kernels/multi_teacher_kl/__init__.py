@@ -37,10 +37,10 @@ class DenseTeachersPass:
         count = self.teachers[0][0].shape[0]
         self.values = torch.zeros(count, dtype=torch.float32, device=self.teachers[0][0].device)
 
-    def bytes_per_logit(self, ws_dtype):
-        """The m + 1 fp32 logits chunks, the workspace when separate, the torch pass's temporaries (about 3)."""
-        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
-        return 4 * (len(self.teachers) + 1) + separate + (12 if self.backend != "triton" else 0)
+    @property
+    def bytes_per_logit(self):
+        """The m + 1 fp32 logits chunks, and the torch pass's temporaries (about 3 chunks)."""
+        return 4 * (len(self.teachers) + 1) + (12 if self.backend != "triton" else 0)
 
     def chunk(self, chunk, logits, workspace):
         teacher_logits = torch.empty((len(self.teachers), *logits.shape), dtype=torch.float32, device=logits.device)

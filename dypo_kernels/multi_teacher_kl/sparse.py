@@ -80,9 +80,7 @@ class SparseTeachersPass:
         count = self.teachers[0][1].shape[0]
         self.values = torch.zeros(count, dtype=torch.float32, device=self.teachers[0][1].device)
 
-    def bytes_per_logit(self, ws_dtype):
-        separate = 0 if ws_dtype == torch.float32 else torch.finfo(ws_dtype).bits // 8
-        return 12 + separate  # the logits and the pass's two temporaries
+    bytes_per_logit = 12  # the logits and the pass's two temporaries
 
     def chunk(self, chunk, logits, workspace):
         rows = chunk.rows

@@ -39,7 +39,8 @@ def chunk_rows(request, backend, monkeypatch):
     """Chunks of CHUNK_ROWS rows at V = 101: the RL groups of dypo_inputs hold at most 3 x 8 tokens (24 rows hold one
     group, not two; 5 rows make the chunk grow to hold each group whole; with 2 rows, groups of more than 16
     tokens are swept ahead)."""
-    per_logit = 12 if request.node.backend_name == "torch" else 4  # the torch pass holds two more temporaries
+    # bytes per chunk row per logit: the torch pass holds two more temporaries; Triton gives the fp32 logits a quarter
+    per_logit = {"torch": 12, "cpp": 4, "triton": 16}[request.node.backend_name]
     monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(CHUNK_ROWS[request.param] * per_logit * 101))
     return CHUNK_ROWS[request.param]
 
