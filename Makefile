@@ -46,8 +46,9 @@ train: $(VENV)/.installed
 	$(BIN)/python -m dypo.train --overwrite_output_dir
 
 # the competitors of benchmarks.report, as wheels for the GPU machines' Python 3.12 (they cannot download): carry
-# .whl to the machine and install it there with --no-index --no-deps --target (README, "GPU")
+# .whl to the machine, where `sh benchmarks/gpu_session.sh` installs them and runs the report (README, "GPU"). With
+# the venv's pip where there is one (a fresh Debian python3 may have no pip).
 gpu-wheels:
-	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 		liger-kernel==0.8.5 cut-cross-entropy==25.1.1

@@ -3,9 +3,11 @@ extra memory (peak RSS above the inputs, DESIGN.md section 5) and its median tim
 
     python -m benchmarks.cpu_case '{"impl": "fused", "backend": "cpp", "N": 4096, "D": 1024, "V": 32768}'
     python -m benchmarks.cpu_case '{"impl": "liger", "loss": "grpo", "N": 4096, "D": 1024, "V": 32768}'
+    python -m benchmarks.cpu_case '{"impl": "naive", "loss": "grpo", "N": 4096, "D": 1024, "V": 32768, "peaked": true}'
 
 The memory is read on the first call, before any warm-up can leave freed blocks in the allocator; the time is the
-median of ``repeats`` later calls (the first call's time when ``repeats`` is 0).
+median of ``repeats`` later calls (the first call's time when ``repeats`` is 0). ``peaked``: weights ~ N(0, 1), a
+peaked softmax (benchmarks/cases.py).
 """
 
 import json
@@ -23,7 +25,7 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, teachers=3, repeats=0, seed=0):
+def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, teachers=3, repeats=0, seed=0, peaked=False):
     if impl == "fused":
         os.environ["DYPO_KERNELS_BACKEND"] = backend
     from benchmarks import cases
@@ -31,7 +33,7 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, teachers=3, r
 
     if impl == "fused" and backend == "cpp":
         cpu_extension()  # build or load before the baseline
-    case = cases.build(loss, impl, N, D, V, T=T, teachers=teachers, seed=seed)
+    case = cases.build(loss, impl, N, D, V, T=T, teachers=teachers, seed=seed, peaked=peaked)
     with open("/proc/self/clear_refs", "w") as clear:  # reset the peak RSS to the current RSS
         clear.write("5")
     baseline = _rss_kib("VmRSS")
@@ -45,6 +47,7 @@ def run_case(impl, N, D, V, backend="cpp", loss="logprobs", T=512, teachers=3, r
         case.step()
         times.append(time.perf_counter() - start)
     return {"impl": f"fused-{backend}" if impl == "fused" else impl, "loss": loss, "N": N, "D": D, "V": V,
+            "peaked": peaked,
             "peak_extra_mb": (peak - baseline) / 1024,
             "seconds": statistics.median(times) if times else first_seconds}
 

@@ -4,6 +4,11 @@ inputs). Prints Markdown tables.
 
     python -m benchmarks.cpu_vs_naive                      # log-probs at small shapes, a few seconds (make demo)
     python -m benchmarks.cpu_vs_naive --full --loss all    # N = 4,096, D = 1,024, V = 32,768 (README tables)
+    python -m benchmarks.cpu_vs_naive --full --loss grpo --peaked   # the same with a peaked softmax
+
+Inputs (benchmarks/cases.py): hidden ~ N(0, 1) and weights ~ N(0, 1/D), logits of standard deviation about 1 (a flat
+softmax); with --peaked weights ~ N(0, 1), logits of standard deviation sqrt(D) (32 at D = 1,024), the peaked softmax
+of a trained model at low temperature, where exp(z - max z) is subnormal or 0 for most entries of a row.
 
 Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (pairs, beta 0.1), sft, dypo (half
 RL rows of one prompt, half SFT rows of another), on sequences of 512 tokens, old log-probs equal to the current
@@ -29,7 +34,7 @@ def _runs_here(loss, impl, teachers):
     return True
 
 
-def table(loss, shape, repeats):
+def table(loss, shape, repeats, peaked=False):
     teacher_counts = (1, 2, 3) if loss == "kl" else (1,)
     impls = []
     for teachers in teacher_counts:
@@ -41,8 +46,10 @@ def table(loss, shape, repeats):
         elif loss == "kl":
             impls.append(dict(impl="fused", backend="torch", teachers=teachers))
         impls += [dict(impl=impl, teachers=teachers) for impl in ("liger", "cce") if _runs_here(loss, impl, teachers)]
-    results = [measure(**impl, **shape, loss=loss, repeats=repeats) for impl in impls]
-    lines = [f"{loss}: fp32, N = {shape['N']:,}, D = {shape['D']:,}, V = {shape['V']:,}; forward + backward",
+    results = [measure(**impl, **shape, loss=loss, repeats=repeats, peaked=peaked) for impl in impls]
+    softmax = f"peaked softmax (logit sd {shape['D'] ** 0.5:.0f})" if peaked else "flat softmax (logit sd 1)"
+    lines = [f"{loss}: fp32, N = {shape['N']:,}, D = {shape['D']:,}, V = {shape['V']:,}, {softmax}; "
+             "forward + backward",
              "| implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |", "|---|---|---|---|---|"]
     for impl, row in zip(impls, results):
         if row["impl"] == "naive":
@@ -58,11 +65,12 @@ def main():
     parser.add_argument("--full", action="store_true", help="N = 4,096, D = 1,024, V = 32,768")
     parser.add_argument("--loss", choices=LOSSES + ("all",), default="logprobs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peaked", action="store_true", help="weights ~ N(0, 1): a peaked softmax")
     args = parser.parse_args()
     shape = dict(N=4096, D=1024, V=32768) if args.full else dict(N=1024, D=256, V=16384)
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}")
     for loss in LOSSES if args.loss == "all" else (args.loss,):
-        print("\n" + table(loss, shape, args.repeats), flush=True)
+        print("\n" + table(loss, shape, args.repeats, args.peaked), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 memory-probed run of one case."""
 
 import os
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -22,29 +23,40 @@ def _available_gb():
     return float("inf")
 
 
+class Competitor(NamedTuple):
+    impl: str  # benchmarks/cases.py's implementation
+    backend: Optional[str] = None  # DYPO_KERNELS_BACKEND for dypo_kernels on CPU
+    dypo_impl: Optional[str] = None  # dypo_kernels' impl keyword (CUDA)
+
+    @property
+    def name(self):
+        if self.impl != "fused":
+            return self.impl
+        return f"dypo-{self.dypo_impl or self.backend}"
+
+
 def competitors(device_has_cuda=HAS_CUDA):
-    """(implementation, backend) pairs: dypo_kernels on each backend this machine has, then the others."""
+    """dypo_kernels in each of its impls (CUDA) or on each CPU backend this machine has, then the others."""
     from dypo_kernels.backend import cpu_extension
 
     if device_has_cuda:
-        fused = [("fused", "triton")]
+        dypo = [Competitor("fused", dypo_impl="chunked"), Competitor("fused", dypo_impl="fused")]
     else:
-        fused = [("fused", "cpp")] if cpu_extension() is not None else []
-        fused.append(("fused", "torch"))
-    return fused + [("naive", None), ("liger", None), ("liger-compiled", None), ("cce", None)]
+        dypo = [Competitor("fused", backend="cpp")] if cpu_extension() is not None else []
+        dypo.append(Competitor("fused", backend="torch"))
+    return dypo + [Competitor(impl) for impl in ("naive", "liger", "liger-compiled", "cce")]
 
 
-def competitor_id(pair):
-    impl, backend = pair
-    return f"dypo-{backend}" if impl == "fused" else impl
+def competitor_id(competitor):
+    return competitor.name
 
 
-def run_benchmark(benchmark, shape, measure_memory, loss, pair, teachers=1):
-    """Times ``loss`` x ``pair`` with pytest-benchmark and records its peak memory."""
+def run_benchmark(benchmark, shape, measure_memory, loss, competitor, teachers=1):
+    """Times ``loss`` x ``competitor`` with pytest-benchmark and records its peak memory."""
     from benchmarks import cases
     from benchmarks.cpu_case import measure
 
-    impl, backend = pair
+    impl, backend, dypo_impl = competitor
     if backend is not None:
         os.environ["DYPO_KERNELS_BACKEND"] = backend
     else:
@@ -58,7 +70,8 @@ def run_benchmark(benchmark, shape, measure_memory, loss, pair, teachers=1):
             pytest.skip(f"naive PyTorch: out of memory at this shape (needs about {need_gb:.0f} GB of logits, "
                         f"{_available_gb():.0f} GB available)")
     try:
-        case = cases.build(loss, impl, **dims, teachers=teachers, dtype=shape["dtype"], device=shape["device"])
+        case = cases.build(loss, impl, **dims, teachers=teachers, dtype=shape["dtype"], device=shape["device"],
+                           dypo_impl=dypo_impl)
         if HAS_CUDA:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -5,6 +5,8 @@ import pytest
 from benchmarks.suite import competitor_id, competitors, run_benchmark
 
 
-@pytest.mark.parametrize("pair", [p for p in competitors() if p[0] in ("fused", "naive")], ids=competitor_id)
-def test_advantages(benchmark, shape, pair):
-    run_benchmark(benchmark, shape, False, "advantages", pair)
+# one dypo_kernels competitor: the op has no impl choice
+@pytest.mark.parametrize("competitor", [c for c in competitors() if c.impl == "naive" or c.name in
+                                        ("dypo-chunked", "dypo-cpp", "dypo-torch")], ids=competitor_id)
+def test_advantages(benchmark, shape, competitor):
+    run_benchmark(benchmark, shape, False, "advantages", competitor)

@@ -5,6 +5,6 @@ import pytest
 from benchmarks.suite import competitor_id, competitors, run_benchmark
 
 
-@pytest.mark.parametrize("pair", competitors(), ids=competitor_id)
-def test_grpo(benchmark, shape, measure_memory, pair):
-    run_benchmark(benchmark, shape, measure_memory, "grpo", pair)
+@pytest.mark.parametrize("competitor", competitors(), ids=competitor_id)
+def test_grpo(benchmark, shape, measure_memory, competitor):
+    run_benchmark(benchmark, shape, measure_memory, "grpo", competitor)

@@ -7,6 +7,6 @@ from benchmarks.suite import competitor_id, competitors, run_benchmark
 
 
 @pytest.mark.parametrize("teachers", [1, 2, 3])
-@pytest.mark.parametrize("pair", competitors(), ids=competitor_id)
-def test_multi_teacher_kl(benchmark, shape, measure_memory, pair, teachers):
-    run_benchmark(benchmark, shape, measure_memory, "kl", pair, teachers=teachers)
+@pytest.mark.parametrize("competitor", competitors(), ids=competitor_id)
+def test_multi_teacher_kl(benchmark, shape, measure_memory, competitor, teachers):
+    run_benchmark(benchmark, shape, measure_memory, "kl", competitor, teachers=teachers)

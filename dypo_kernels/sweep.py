@@ -31,9 +31,10 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 IMPLS = ("chunked", "fused")
 IMPL_ENV = "DYPO_KERNELS_IMPL"
 CHUNK_BYTES_ENV = "DYPO_KERNELS_CHUNK_BYTES"
-# One chunk's logits and workspace. On CUDA about 1,100 rows at V = 151,936 in bf16: large enough that the products
-# run at full rate; on CPU the size that kept the sweep fastest at V = 32,768 on this project's 2-core machines.
-DEFAULT_CHUNK_BYTES = {"cuda": 2**30, "cpu": 128 * 2**20}
+# One chunk's logits and gradient workspace. On CUDA, at V = 151,936 in bf16, 1,664-row chunks in waves of two: each
+# product has thousands of rows (its output tiles fill the GPU) and the fp32 weight-gradient accumulator is read and
+# written once per 3,328 rows; on CPU the size that kept the sweep fastest at V = 32,768 on 2-core machines.
+DEFAULT_CHUNK_BYTES = {"cuda": 2 * 2**30, "cpu": 128 * 2**20}
 
 
 def chunked_supported_on_cuda():
@@ -92,9 +93,9 @@ def rows_per_chunk(budget, vocab_size, bytes_per_logit, device):
 
 def chunk_layout(bytes_per_logit, weight, device, backend, impl, chunk_bytes):
     """(rows per chunk, rows per wave) within the chunk budget. On CPU the gradient is written over the logits and
-    each chunk is its own wave. On Triton a quarter of the budget holds a chunk's fp32 logits and three quarters the
-    16-bit gradient of the chunks that share one weight-gradient product: its depth (the wave's rows) sets how often
-    that product reads and writes the fp32 [V, D] accumulator, 2 x 4VD bytes a wave (5 GB at V 151,936, D 4,096)."""
+    each chunk is its own wave. On Triton half the budget holds a chunk's fp32 logits and half the 16-bit gradients
+    of the chunks that share one weight-gradient product: the wave's rows set how often that product reads and
+    writes the fp32 [V, D] accumulator, 8VD bytes a wave (5 GB at V 151,936, D 4,096)."""
     if impl == "fused":
         return math.inf, math.inf
     budget = chunk_budget(chunk_bytes, device)
@@ -102,8 +103,8 @@ def chunk_layout(bytes_per_logit, weight, device, backend, impl, chunk_bytes):
     if backend != "triton":
         rows = rows_per_chunk(budget, vocab, bytes_per_logit, device)
         return rows, rows
-    rows = rows_per_chunk(budget // 4, vocab, bytes_per_logit, device)
-    wave = budget * 3 // 4 // (vocab * (torch.finfo(workspace_dtype(weight, backend)).bits // 8))
+    rows = rows_per_chunk(budget // 2, vocab, bytes_per_logit, device)
+    wave = budget // 2 // (vocab * (torch.finfo(workspace_dtype(weight, backend)).bits // 8))
     return rows, max(rows, wave)
 
 
@@ -243,11 +244,11 @@ def sweep(hidden, weight, bias, op_pass, chunks, *, needs_input_grad, impl="chun
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
         if needs_weight and chunk.closes_wave:
             wave_rows = slice(chunk.start if wave is None else wave_start, chunk.stop)
-            wave_gradient = grad_logits if wave is None else wave[:chunk.stop - wave_start]
-            _accumulate_product(grad_weight, wave_gradient.T, operand(hidden[wave_rows]))
+            _accumulate_product(grad_weight, (grad_logits if wave is None else wave[:chunk.stop - wave_start]).T,
+                                operand(hidden[wave_rows]))
         if chunk.closes_wave:
             wave_start = chunk.stop
-        del grad_logits, workspace
+        del grad_logits, workspace  # before the next chunk's logits are made
     return grad_hidden, grad_weight, grad_bias
 
 

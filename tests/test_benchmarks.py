@@ -57,13 +57,14 @@ def test_design_floor_of_each_op_at_round_numbers():
 
 
 def test_grad_weight_accumulation_of_the_chunked_impl_by_hand():
-    # 1 GiB / (151,936 * 6 B) = 1,177 rows, 1,152 as a multiple of 128: 8 chunks at N = 8,192, each reading and
-    # writing the [V, D] fp32 grad_W: 8 * 151,936 * 4,096 * 8 B
-    assert grad_weight_accumulation_bytes("grpo", 8192, 4096, 151936) == 39_829_110_784
+    # 1 GiB of fp32 logits / (151,936 * 4 B) = 1,766 rows, 1,664 as a multiple of 128; 1 GiB of bf16 gradients holds
+    # two such chunks: waves of 3,328 rows, 3 at N = 8,192, each reading and writing the [V, D] fp32 grad_W:
+    # 3 * 151,936 * 4,096 * 8 B
+    assert grad_weight_accumulation_bytes("grpo", 8192, 4096, 151936) == 14_935_916_544
     assert grad_weight_accumulation_bytes("scoring", 8192, 4096, 151936) == 0
 
 
 def test_prediction_table_is_labelled_as_a_model():
     table = prediction_table()
     assert "a model" in table and "| H100 SXM (ms) | H200 (ms) |" in table
-    assert "| sft, grpo, gal, dypo | chunked | 8,192 | 4,096 | 151,936 | 30.6 | 14.9 | 43.7 | 42.2 | 40 |" in table
+    assert "| sft, grpo, gal, dypo | chunked | 8,192 | 4,096 | 151,936 | 30.6 | 14.9 | 43.7 | 42.2 | 15 |" in table

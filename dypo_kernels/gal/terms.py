@@ -3,7 +3,7 @@ LogprobPass that turns a chunk's log-probs into GAL's per-token coefficients.
 
 The GAL gradient is sum_i c_i grad S_i, and c_i depends on the current S of every sequence of i's group
 (docs/design.md, "GAL in the sweep"). The policy:
-- a group's tokens go into one chunk, which grows to hold the group, up to GROUP_GROWTH times the chunk budget;
+- a group's tokens go into one chunk, which grows to hold the group, up to GROUP_GROWTH times a chunk's rows;
   that chunk computes its groups' c_i from its own log-probs before forming its gradient: 6NDV, one sweep;
 - a group larger than that (long rollouts at a large vocabulary) is swept ahead once without gradients (2 r D V for
   its r tokens) for its S, so its coefficients are known when the sweep reaches it: 8 r D V for those rows, and the
@@ -18,7 +18,7 @@ import torch
 from dypo_kernels.gal.pairs import coefficients, has_pair, loss_and_metrics, pair_terms
 from dypo_kernels.sweep import Chunk, chunk_layout, logprob_bytes_per_logit, score, whole_group_chunks, with_waves
 
-GROUP_GROWTH = 8
+GROUP_GROWTH = 4
 
 
 def consecutive_group_ids(ids):

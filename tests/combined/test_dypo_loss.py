@@ -30,17 +30,17 @@ def dypo_inputs(device, old="none", temperature=0.7, seed=0, dtype=torch.float32
     return batch, kwargs
 
 
-CHUNK_ROWS = {"groups share a chunk": 40, "a chunk per group": 24, "a chunk grows to hold a group": 5,
+CHUNK_ROWS = {"groups share a chunk": 40, "a chunk per group": 24, "a chunk grows to hold a group": 7,
               "large groups swept ahead": 2}
 
 
 @pytest.fixture(params=list(CHUNK_ROWS))
 def chunk_rows(request, backend, monkeypatch):
     """Chunks of CHUNK_ROWS rows at V = 101: the RL groups of dypo_inputs hold at most 3 x 8 tokens (24 rows hold one
-    group, not two; 5 rows make the chunk grow to hold each group whole; with 2 rows, groups of more than 16
+    group, not two; 7 rows make the chunk grow to hold each group whole; with 2 rows, groups of more than 8
     tokens are swept ahead)."""
-    # bytes per chunk row per logit: the torch pass holds two more temporaries; Triton gives the fp32 logits a quarter
-    per_logit = {"torch": 12, "cpp": 4, "triton": 16}[request.node.backend_name]
+    # bytes per chunk row per logit: the torch pass holds two more temporaries; Triton gives the fp32 logits half
+    per_logit = {"torch": 12, "cpp": 4, "triton": 8}[request.node.backend_name]
     monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(CHUNK_ROWS[request.param] * per_logit * 101))
     return CHUNK_ROWS[request.param]
 
