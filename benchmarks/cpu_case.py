@@ -1,5 +1,5 @@
 """One forward + backward of a benchmark case (benchmarks/cases.py), in a fresh process, on the CPU: prints its peak
-extra memory (peak RSS above the inputs, DESIGN.md section 5) and its median time as JSON.
+extra memory (peak RSS above the inputs, docs/testing.md) and its median time as JSON.
 
     python -m benchmarks.cpu_case '{"impl": "fused", "backend": "cpp", "N": 4096, "D": 1024, "V": 32768}'
     python -m benchmarks.cpu_case '{"impl": "liger", "loss": "grpo", "N": 4096, "D": 1024, "V": 32768}'

@@ -11,7 +11,7 @@ softmax); with --peaked weights ~ N(0, 1), logits of standard deviation sqrt(D) 
 of a trained model at low temperature, where exp(z - max z) is subnormal or 0 for most entries of a row.
 
 Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (pairs, beta 0.1), sft, dypo (half
-RL rows of one prompt, half SFT rows of another), on sequences of 512 tokens, old log-probs equal to the current
+RL rows of mid prompts, two rollouts each, half SFT rows of hard prompts), on sequences of 512 tokens, old log-probs equal to the current
 policy's; kl: forward KL to the mixture of m = 1, 2, 3 teachers of the student's hidden size.
 """
 

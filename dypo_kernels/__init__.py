@@ -1,6 +1,7 @@
 """dypo-kernels: memory-bounded fused kernels for LLM post-training (DYPO, GRPO, GAL, SFT, multi-teacher KL).
 
-Every ``fused_*`` op takes hidden states and the lm_head weight, never the logits (DESIGN.md section 2).
+Every ``fused_*`` op takes hidden states and the lm_head weight, never the logits (docs/design.md, "The memory
+contract").
 """
 
 from dypo_kernels.advantages import group_advantages

@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one (DESIGN.md
-section 4): does it compile for sm_80 and sm_90, fit in shared memory, avoid register spills, and use the tensor
-core instructions of the target (mma on sm_80, wgmma on sm_90)?
+"""Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one (docs/design.md,
+"Testing without a GPU"): does it compile for sm_80 and sm_90, fit in shared memory, avoid register spills, and use
+the tensor core instructions of the target (mma on sm_80, wgmma on sm_90)?
 
     python -m dypo_kernels.aot            # a table; exit status 1 if any kernel fails a check
 

@@ -1,4 +1,4 @@
-"""Which implementation runs an op (DESIGN.md section 3), and the C++ CPU extension's loader.
+"""Which backend runs an op (docs/design.md, "Backends"), and the C++ CPU extension's loader.
 
 | tensors | backend  | what runs |
 |---------|----------|-----------|

@@ -2,7 +2,7 @@
 
 Each function materialises the full ``[..., V]`` logits and computes in float64 (``dtype`` can ask otherwise, for
 the naive same-dtype baseline of the benchmarks). They are slow and memory-hungry on purpose and no ``fused_*`` op
-calls them. Notation follows DESIGN.md section 1 and the DYPO paper (arXiv 2604.08926):
+calls them. Notation follows docs/design.md, "The method and its math", and the DYPO paper (arXiv 2604.08926):
 ``z_t = (W h_t + b) / temperature`` are the logits of response token t and ``y_t`` its target id.
 """
 
@@ -54,7 +54,7 @@ def _group_ids(batch_size, group_size, group_index, device):
 
 def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
                      success_threshold=0.5, dtype=torch.float64):
-    """Group-normalised advantages (GRPO, paper eq. 2) and the DYPO grade of each group (paper section 3).
+    """Group-normalised advantages (GRPO, paper eq. 22) and the DYPO grade of each group (paper section 3).
 
     A_i = (R_i - mean_g) / (std + eps), where std is the group's sample std (n - 1) for ``scale="group"``,
     the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO). A group of one
@@ -85,7 +85,7 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
 def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
               eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
               use_bias_correction_kl=False, dtype=torch.float64):
-    """Clipped GRPO loss (paper eq. 2-3) with the k3 KL penalty, on ``[B, T, D]`` hidden states.
+    """Clipped GRPO loss (paper eq. 3 / 21) with the k3 KL penalty, on ``[B, T, D]`` hidden states.
 
     per-token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref - lp) - (ref - lp) - 1),
     r_t = exp(lp_t - old_lp_t) (old = lp detached when ``old_logps`` is None); with ``use_bias_correction_kl`` the KL

@@ -13,24 +13,25 @@ torch.no_grad 2NDV, and the extra memory is the chunk (``chunk_bytes``) plus the
 There are no atomics: the same inputs give bitwise-identical results. ``impl="fused"`` replaces the loop by the
 Triton register-tile kernels of linear_logprobs/triton_kernels.py (no workspace at all, 8NDV, fp32 atomics).
 
-The op passes (``LogprobPass`` here for every log-prob op; multi_teacher_kl's for the KL) are data with a
-``chunk(chunk, logits, workspace)`` method; ``TokenTerms`` holds the per-token math of the losses, written once.
+The op passes (logprob_pass.py's ``LogprobPass`` for every log-prob op; multi_teacher_kl's for the KL) are data
+with a ``chunk(chunk, logits, workspace)`` method, a ``bytes_per_logit`` and a ``total()``; this module holds the loop,
+the chunk layout and the autograd Function, nothing of any op's math.
 """
+
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from dypo_kernels import vocab_pass
-
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 IMPLS = ("chunked", "fused")
+
 IMPL_ENV = "DYPO_KERNELS_IMPL"
+
 CHUNK_BYTES_ENV = "DYPO_KERNELS_CHUNK_BYTES"
+
 # One chunk's logits and gradient workspace. On CUDA, at V = 151,936 in bf16, 1,664-row chunks in waves of two: each
 # product has thousands of rows (its output tiles fill the GPU) and the fp32 weight-gradient accumulator is read and
 # written once per 3,328 rows; on CPU the size that kept the sweep fastest at V = 32,768 on 2-core machines.
@@ -280,158 +281,6 @@ def _fused_sweep(hidden, weight, bias, op_pass, needs_input_grad):
                                    op_pass.inv_temperature, needs_input_grad=needs_input_grad)
 
 
-@dataclass
-class TokenTerms:
-    """Per-token constants of a loss, fp32 ``[N]`` over the kept tokens (None: the term is absent).
-
-    L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 3 / 21)
-        + kl_weight_t * [r_t] * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)             (k3 estimate of the KL)
-        - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
-    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy). The KL
-    term carries r_t with ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger-Kernel's
-    use_bias_correction_kl): its gradient is then kl_weight_t r_t (lp_t - ref_t).
-    """
-
-    pg_weight: Optional[torch.Tensor] = None
-    advantages: Optional[torch.Tensor] = None
-    old_logps: Optional[torch.Tensor] = None
-    kl_weight: Optional[torch.Tensor] = None
-    ref_logps: Optional[torch.Tensor] = None
-    nll_weight: Optional[torch.Tensor] = None
-    kl_importance_weighted: bool = False
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-
-    def evaluate(self, rows, logps):
-        """(L_t, dL_t/dlp_t, diagnostics) for the tokens ``rows``, whose log-probs are ``logps``."""
-        value = torch.zeros_like(logps)
-        gradient = torch.zeros_like(logps)
-        parts = {}
-        if self.old_logps is not None and (self.pg_weight is not None or self.kl_importance_weighted):
-            ratio = torch.exp(logps - self.old_logps[rows])  # shared by the policy-gradient and the bias-corrected KL
-        else:
-            ratio = torch.ones_like(logps)
-        if self.pg_weight is not None:
-            weight, advantages = self.pg_weight[rows], self.advantages[rows]
-            clipped_ratio = ratio.clamp(1 - self.eps_low, 1 + self.eps_high)
-            policy_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
-            # the clipped branch is the minimum, and flat, exactly where the ratio left the trust region on the side
-            # the advantage pushes it towards
-            clipped_low = (ratio < 1 - self.eps_low) & (advantages < 0)
-            clipped_high = (ratio > 1 + self.eps_high) & (advantages > 0)
-            used = weight != 0  # tokens outside the term add an exact 0, even where their ratio overflows
-            value += torch.where(used, weight * policy_loss, 0.0)
-            gradient += torch.where(used & ~(clipped_low | clipped_high), -weight * advantages * ratio, 0.0)
-            parts.update(policy_loss=policy_loss, ratio=ratio, clipped_low=clipped_low.float(),
-                         clipped_high=clipped_high.float())
-        if self.kl_weight is not None:
-            weight = self.kl_weight[rows]
-            log_ref_ratio = self.ref_logps[rows] - logps
-            kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
-            used = weight != 0
-            if self.kl_importance_weighted:
-                gradient += torch.where(used, weight * ratio * -log_ref_ratio, 0.0)  # r kl + r (1 - e^(ref - lp))
-                kl = ratio * kl
-            else:
-                gradient += torch.where(used, weight * (1 - torch.exp(log_ref_ratio)), 0.0)
-            value += torch.where(used, weight * kl, 0.0)
-            parts["kl"] = kl  # the term as the loss has it (TRL and Liger-Kernel log the same)
-        if self.nll_weight is not None:
-            value -= self.nll_weight[rows] * logps
-            gradient -= self.nll_weight[rows]
-        return value, gradient, parts
-
-
-def logprob_bytes_per_logit(backend):
-    """What a LogprobPass holds per logit of its chunk beside the gradient workspace: the fp32 logits, and the torch
-    pass's two temporaries."""
-    return 4 + (8 if backend == "torch" else 0)
-
-
-@dataclass
-class LogprobPass:
-    """The vocabulary pass of every log-prob op, for kept tokens with ``targets`` [N] (int64).
-
-    Per chunk: the row statistics (lse, target logit, entropy) from the backend's vocabulary pass, lp = target
-    logit - lse, then the coefficients g_t = dL/dlp_t of the loss (``terms``, plus GAL's per-sequence c_i from the
-    chunk's own sequence log-probs, ``gal``), or the upstream gradients ``grad_logp`` / ``grad_entropy`` of
-    fused_linear_logprobs' backward (whose statistics ``lse`` / ``entropy`` are then known and not recomputed);
-    then the logit gradient (g_t (onehot - p) - g_H,t p (z - E_p[z])) / T into the workspace. Its outputs, fp32
-    ``[N]``: lse, logps, entropy, and the loss value L_t with its diagnostics ``parts``.
-    """
-
-    targets: torch.Tensor
-    inv_temperature: float
-    backend: str
-    terms: Optional[TokenTerms] = None
-    gal: Optional["GalTerms"] = None
-    grad_logp: Optional[torch.Tensor] = None
-    grad_entropy: Optional[torch.Tensor] = None
-    lse: Optional[torch.Tensor] = None
-    logps: Optional[torch.Tensor] = None
-    entropy: Optional[torch.Tensor] = None
-    value: Optional[torch.Tensor] = None
-    parts: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self):
-        def buffer(given):
-            return torch.zeros(self.targets.shape, dtype=torch.float32, device=self.targets.device) \
-                if given is None else given
-        self.lse, self.logps, self.entropy, self.value = map(buffer, (self.lse, self.logps, self.entropy, self.value))
-
-    @property
-    def bytes_per_logit(self):
-        return logprob_bytes_per_logit(self.backend)
-
-    def whole_chunk(self):
-        count = self.targets.shape[0]
-        return Chunk(0, count, 0, 0 if self.gal is None else self.gal.group.shape[0], 0,
-                     0 if self.gal is None else self.gal.num_groups)
-
-    def coefficients(self, chunk, lse, target_logit, entropy):
-        """Stores the chunk's statistics and returns (dL/dlp, dL/dH) for its rows (dL/dH None: no entropy term)."""
-        rows = chunk.rows
-        if self.grad_logp is not None:
-            return self.grad_logp[rows], None if self.grad_entropy is None else self.grad_entropy[rows]
-        logps = target_logit - lse
-        self.lse[rows], self.logps[rows], self.entropy[rows] = lse, logps, entropy
-        if self.terms is None and self.gal is None:
-            return None, None
-        gradient = torch.zeros_like(logps)
-        if self.terms is not None:
-            value, gradient, parts = self.terms.evaluate(rows, logps)
-            self.value[rows] = value
-            for name, part in parts.items():
-                self.parts.setdefault(name, torch.zeros_like(self.value))[rows] = part
-        if self.gal is not None:
-            gradient = gradient + self.gal.gradient(chunk, logps)
-        return gradient, None
-
-    def chunk(self, chunk, logits, workspace):
-        targets = self.targets[chunk.rows]
-        still = vocab_pass.divide_by_temperature(logits, self.inv_temperature, self.backend)
-        if self.grad_logp is not None:
-            lse, entropy = self.lse[chunk.rows], self.entropy[chunk.rows]
-            coef_logp, coef_entropy = self.coefficients(chunk, lse, None, entropy)
-        else:
-            lse, target_logit, entropy = vocab_pass.row_stats(logits, targets, still, self.backend)
-            coef_logp, coef_entropy = self.coefficients(chunk, lse, target_logit, entropy)
-        if workspace is None:
-            return None
-        scale = self.inv_temperature  # dz/dlogits: the gradient with respect to the products
-        return vocab_pass.logit_gradient(logits, targets, lse.contiguous(), entropy.contiguous(),
-                                         (coef_logp * scale).float().contiguous(),
-                                         None if coef_entropy is None else (coef_entropy * scale).float().contiguous(),
-                                         workspace, still, self.backend)
-
-    def total(self):
-        """The scalar loss: sum_t L_t, plus GAL's value."""
-        loss = self.value.sum()
-        if self.gal is not None:
-            loss = loss + self.gal.scale * self.gal.loss_and_metrics()[0]
-        return loss
-
-
 class SweepLoss(torch.autograd.Function):
     """loss = op_pass.total() after one sweep, for kept rows hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or
     None. The gradients are formed in the forward (when ``grad_enabled``: not under torch.no_grad) and scaled in the
@@ -469,62 +318,3 @@ def loss_chunks(op_pass, hidden, weight, impl, chunk_bytes):
     if hidden.shape[0] == 0:
         return [Chunk(0, 0)]
     return with_waves(even_chunks(hidden.shape[0], min(rows, hidden.shape[0])), wave)
-
-
-def score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):
-    """A sweep for the row statistics only (2NDV, no gradient work): the LogprobPass holding lse, logps, entropy."""
-    op_pass = LogprobPass(targets, inv_temperature, backend)
-    if hidden.shape[0]:
-        sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
-              needs_input_grad=(False, False, False), impl=impl)
-    return op_pass
-
-
-def positions_of(flags, count):
-    """The indices where the 1-d bool ``flags`` is set, in order, given their ``count``: nonzero without its host
-    sync (each set flag scatters its index to its rank; the rest go to one spare slot)."""
-    rank = torch.where(flags, flags.long().cumsum(0) - 1, count)
-    positions = torch.empty(count + 1, dtype=torch.long, device=flags.device)
-    return positions.scatter_(0, rank, torch.arange(flags.shape[0], device=flags.device))[:count]
-
-
-def select_tokens(hidden, targets, mask, count, rows=None):
-    """The tokens a loss uses, dropped to ``[N, D]`` rows before any projection.
-
-    hidden ``[B, T, D]``, targets and mask ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in
-    order); ``count``: the number of their tokens where ``mask`` is set (a host int the op read with its checks).
-    Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64).
-    No host sync.
-    """
-    length = targets.shape[-1]
-    if rows is None:
-        kept = positions_of(mask.reshape(-1), count)
-    else:
-        within = positions_of(mask[rows].reshape(-1), count)
-        kept = rows[torch.div(within, length, rounding_mode="floor")] * length + within % length
-    sequence = torch.div(kept, length, rounding_mode="floor")
-    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).contiguous()
-    kept_targets = targets.reshape(-1).index_select(0, kept).long().contiguous()
-    return kept, sequence, kept_hidden, kept_targets
-
-
-def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, num_tokens=None):
-    """Weight of each kept token in the aggregation of ``loss_type`` over the sequences of ``mask`` ``[B, T]``:
-    "grpo" 1 / (B * len_i) (mean of each sequence's token mean); "bnpo"/"dapo" 1 / (tokens in the batch);
-    "dr_grpo" 1 / (B * max_len), max_len defaulting to T. fp32 ``[N]`` for the tokens' sequences ``sequence``.
-    ``num_sequences`` / ``num_tokens`` replace B / the batch's tokens when the batch is a part of a larger one."""
-    mask = mask.float()
-    sequences = mask.shape[0] if num_sequences is None else num_sequences
-    if loss_type == "grpo":
-        lengths = mask.sum(-1).clamp(min=1)
-        return 1.0 / (sequences * lengths[sequence])
-    if loss_type in ("bnpo", "dapo"):
-        tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens), device=mask.device)
-        return (1.0 / tokens.clamp(min=1)).expand(sequence.shape[0]).contiguous()
-    return torch.full(sequence.shape, 1.0 / (max(sequences, 1) * (max_len or mask.shape[-1])),
-                      device=mask.device)
-
-
-def token_mean(values):
-    """Mean of a per-token diagnostic (0 for no token)."""
-    return values.mean() if values.numel() else values.new_zeros(())

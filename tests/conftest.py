@@ -1,5 +1,5 @@
 """Shared test set-up. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors, which must be
-switched on before triton is first imported (DESIGN.md section 4)."""
+switched on before triton is first imported (docs/testing.md)."""
 
 import os
 

@@ -33,7 +33,7 @@ def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, suc
 
 def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
                      success_threshold=0.5):
-    """Group-normalised advantages and the grade of each group (GRPO, paper eq. 2; DYPO routing, section 3).
+    """Group-normalised advantages and the grade of each group (GRPO, paper eq. 22; DYPO routing, section 3).
 
     A_i = (R_i - mean_g) / (s + eps), with s the group's sample std (n - 1) for ``scale="group"`` (GRPO, as TRL
     and verl compute it), the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO).
@@ -49,7 +49,8 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         ``GroupAdvantages(advantages [B] fp32, mean [G] fp32, std [G] fp32, num_success [G] int64,
         grade [G] int64)``; compare ``grade`` with ``Grade`` members.
 
-    Cost: O(B) work, one Triton launch on CUDA (plus a sort for ragged groups); host syncs only for input checks.
+    Cost: O(B) work, one Triton launch on CUDA (plus a sort for ragged groups); one host sync: the input checks,
+    read with the number of groups.
     """
     check_tensor("rewards", rewards, dims=(1,))
     if not rewards.is_floating_point():

@@ -12,8 +12,9 @@ from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids
 from dypo_kernels.grade import Route
 from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
-from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, positions_of, select_impl, select_tokens, \
-    sweep_loss, token_weights
+from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.tokens import positions_of, select_tokens, token_weights
 from dypo_kernels.validation import Checks, Count, check_number, check_per_sequence, check_sequence_batch, \
     check_temperature, check_tensor
 
@@ -146,23 +147,20 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
             batch's, for every loss_type. None: this batch is the whole.
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts; with
             ``batch_totals``, this part's shares of the whole batch's),
-            ``num_prompts_sft``, ``num_prompts_rl``, ``num_tokens_rl``, ``num_sweeps``, fused_grpo_loss's token
-            metrics over the RL tokens and gal_loss's pair metrics.
+            ``num_prompts_sft``, ``num_prompts_rl``, ``num_tokens_rl``, fused_grpo_loss's token metrics over the RL
+            tokens and gal_loss's pair metrics.
+        impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
 
     Returns:
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
 
     Sweeps: every term's logit gradient is g_t (onehot - softmax) / T, with GAL's g_t = c_i the per-sequence
-    coefficient of gal_coefficients (DESIGN.md section 1), which needs the current log-probs of i's whole group. The
-    sweep takes the RL rows group by group, each chunk holding whole groups (then the SFT tokens), and computes each
-    chunk's c_i from its own log-probs before forming its gradient: one sweep (CPU 6NDV, CUDA 8NDV with no logits
-    buffer) whatever ``old_logps`` are. Always on CUDA; on CPU while every RL group's response tokens fit in one chunk
-    (128 MiB / 4V: 1,024 tokens at V = 32,768, 220 at V = 151,936). Otherwise the c_i come from ``old_logps``
-    before the sweep, and if the sweep's log-probs show those were not the current policy's (sequence log-probs off by
-    more than SEQUENCE_LOGPROB_TOL / beta_gal), one gradient pass adds the difference (+6NDV); without ``old_logps`` a
-    no-gradient pass over the RL rows gives them first (+2NDV). Under torch.no_grad no extra pass runs. Extra memory
-    O(N*D + V*D + chunk*V). Host syncs: in the input checks (groups, routes, rewards; with ``batch_totals``, this
-    part's counts), the selection of kept tokens, the chunking, and the coefficients' checks (per chunk, or once).
+    coefficient of gal_coefficients, which needs the current log-probs of i's whole group (docs/design.md, "GAL in
+    the sweep"). The sweep takes the RL rows group by group, each chunk holding whole groups (then the SFT tokens)
+    and computing its c_i from its own log-probs before forming its gradient: one sweep, 6NDV, whatever
+    ``old_logps`` are. An RL group larger than 4 chunks' rows is swept ahead once without gradients (+2 r D V for
+    its r tokens). Extra memory O(N*D + V*D + chunk_bytes). Two host syncs: the input checks read with every count
+    the op sizes its work by (prompts, sequences, tokens, GAL groups), and the RL groups' sizes; none in the sweep.
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")

@@ -7,7 +7,9 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
 from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_layout, gal_chunks, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
-from dypo_kernels.sweep import LogprobPass, select_impl, select_tokens, sweep_loss
+from dypo_kernels.logprob_pass import LogprobPass
+from dypo_kernels.sweep import select_impl, sweep_loss
+from dypo_kernels.tokens import select_tokens
 from dypo_kernels.validation import Checks, check_number, check_per_sequence, check_same_device, check_sequence_batch, \
     check_temperature, check_tensor
 
@@ -69,8 +71,8 @@ def groups_with_pairs(rewards, group_ids):
 
 def gal_coefficients(seq_logps, rewards, *, ref_seq_logps=None, group_size=None, group_index=None, beta=1.0,
                      pair_groups=None):
-    """c_i = d gal_loss / d S_i, detached ``[B]`` fp32: the GAL gradient is sum_i c_i grad S_i (DESIGN.md section
-    1, "a useful identity"), so a fused sweep can treat c_i as a per-sequence advantage.
+    """c_i = d gal_loss / d S_i, detached ``[B]`` fp32: the GAL gradient is sum_i c_i grad S_i (docs/design.md,
+    "The method and its math"), so a fused sweep can treat c_i as a per-sequence advantage.
 
     With w_sf = 1 / (pairs of the group * groups with pairs) and sigma = sigmoid(-beta d_sf):
     c_s = -beta sum_f w_sf sigma_sf over the pairs where s succeeds, c_f = +beta sum_s w_sf sigma_sf where f fails.
@@ -102,19 +104,18 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
         group_size / group_index: uniform groups of consecutive rows or ``[B]`` ids 0..G-1 (exactly one).
         mask: ``[B, T]`` the response tokens (None: all).
         ref_logps: ``[B, T]`` reference token log-probs, or ref_seq_logps ``[B]`` (at most one); constants.
-        beta: >= 0; temperature > 0; return_metrics: as gal_loss, plus ``num_sweeps``.
+        beta: >= 0; temperature > 0; return_metrics: as gal_loss.
+        impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
 
     Returns:
         fp32 scalar (and the metrics); a batch without pairs gives 0 with zero gradients.
 
     Cost: the rows of groups whose rewards are all equal (no pair) are not projected at all. The gradient is
-    sum_i c_i grad S_i, and c_i needs the current S of every sequence of i's group. One sweep (CPU 6NDV FLOP, CUDA
-    8NDV) when every group's response tokens fit in one CPU chunk of logits (128 MiB / 4V, e.g.
-    1,024 tokens at V = 32,768, 220 at V = 151,936), and always on CUDA: each chunk holds whole groups and computes
-    their c_i from its own log-probs before forming its gradient. On CPU with larger groups, two sweeps (8NDV): the
-    log-probs, then their gradient. Extra memory O(N*D + V*D + chunk*V) either way (one sweep holds the fp32
-    gradients of hidden and weight from the forward to the backward). Host syncs: the checks, the grouping, and in
-    each chunk the coefficients' checks.
+    sum_i c_i grad S_i, and c_i needs the current S of every sequence of i's group (docs/design.md, "GAL in the
+    sweep"): each chunk holds whole groups, growing to hold one of up to 4 chunks' rows, and computes their c_i from
+    its own log-probs before forming its gradient: one sweep, 6NDV FLOP. A larger group is swept ahead once without
+    gradients (2 r D V for its r tokens), so memory stays O(N*D + V*D + chunk_bytes) whatever the group size. Two
+    host syncs: the checks with their counts, and the groups' sizes.
     """
     checks = Checks()
     check_sequence_batch(hidden, weight, bias, targets, mask, checks, ref_logps=ref_logps)

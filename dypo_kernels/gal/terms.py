@@ -16,7 +16,8 @@ from typing import List, Optional
 import torch
 
 from dypo_kernels.gal.pairs import coefficients, has_pair, loss_and_metrics, pair_terms
-from dypo_kernels.sweep import Chunk, chunk_layout, logprob_bytes_per_logit, score, whole_group_chunks, with_waves
+from dypo_kernels.logprob_pass import logprob_bytes_per_logit, score
+from dypo_kernels.sweep import Chunk, chunk_layout, whole_group_chunks, with_waves
 
 GROUP_GROWTH = 4
 

@@ -3,8 +3,9 @@
 import torch
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import LOSS_TYPES, LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss, \
-    token_mean, token_weights
+from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.tokens import LOSS_TYPES, select_tokens, token_mean, token_weights
 from dypo_kernels.validation import Checks, check_choice, check_number, check_per_sequence, check_sequence_batch, \
     check_temperature, check_tensor
 
@@ -36,7 +37,7 @@ def policy_metrics(op_pass, tokens=None):
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
                     use_bias_correction_kl=False, return_metrics=False, impl=None, chunk_bytes=None):
-    """Clipped policy-gradient loss of GRPO (DYPO paper eq. 2-3; DAPO's clip-higher with ``eps_high``), never
+    """Clipped policy-gradient loss of GRPO (DYPO paper eq. 3 / 21; DAPO's clip-higher with ``eps_high``), never
     building the logits.
 
     Per token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)
@@ -60,16 +61,16 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         return_metrics: also return detached token means ``clip_fraction_low`` (r < 1 - eps_low with A < 0),
             ``clip_fraction_high`` (r > 1 + eps_high with A > 0), ``mean_ratio``, ``mean_entropy`` and, with ref_logps,
             ``mean_kl`` (r_t-weighted with use_bias_correction_kl, as in the loss).
+        impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
 
     Returns:
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
 
-    Cost for N masked tokens: masked tokens are dropped before the projection; the gradients are computed inside the
-    forward: CPU 6NDV FLOP (one sweep of 128 MiB logit chunks), CUDA 8NDV (Triton forward and gradient kernels, no
-    logits buffer). Extra memory O(N*D + V*D + chunk*V), never N x V: fp32 gradients of hidden and weight are held
-    from the forward to the backward. Host syncs: the input checks and the number of masked tokens, none inside the
-    sweep. Deterministic on CPU; on CUDA the
-    gradient kernel adds tiles with atomics, so the last bits may vary between runs.
+    Cost for N masked tokens (dropped before the projection): one sweep with the gradients formed in the forward,
+    6NDV FLOP (2NDV under torch.no_grad; 8NDV with impl="fused"). Extra memory O(N*D + V*D + chunk_bytes), never
+    N x V: the fp32 gradients of hidden and weight are held from the forward to the backward. One host sync (the input
+    checks and the token count, read together), none inside the sweep. impl="chunked" is bitwise deterministic;
+    "fused" adds tiles with atomics, so its last bits may vary between runs.
     """
     checks = Checks()
     check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)

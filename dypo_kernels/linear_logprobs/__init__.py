@@ -4,7 +4,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import LogprobPass, loss_chunks, positions_of, score, select_impl, sweep
+from dypo_kernels.logprob_pass import LogprobPass, score
+from dypo_kernels.sweep import loss_chunks, select_impl, sweep
+from dypo_kernels.tokens import positions_of
 from dypo_kernels.validation import Checks, check_linear_head, check_same_device, check_targets, check_temperature
 
 
@@ -58,7 +60,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         impl: "chunked" (default; cuBLAS products and vocabulary passes over chunks of rows), "fused" (Triton
             register tiles, CUDA only: no workspace, 8NDV, not deterministic), or None (DYPO_KERNELS_IMPL).
         chunk_bytes: the byte budget of one chunk's logits and workspace (None: DYPO_KERNELS_CHUNK_BYTES, else
-            1 GiB on CUDA, 128 MiB on CPU).
+            2 GiB on CUDA, 128 MiB on CPU).
 
     Returns:
         ``logps`` float32 shaped like ``targets``; ``(logps, entropy)`` when ``return_entropy``.

@@ -11,7 +11,8 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
 from dypo_kernels import vocab_pass
-from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, positions_of, select_impl, sweep_loss
+from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, select_impl, sweep_loss
+from dypo_kernels.tokens import positions_of
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
 from dypo_kernels.validation import Checks, check_choice, check_mask_values, check_linear_head, check_number, check_same_device, \
     check_temperature, check_tensor
@@ -176,17 +177,17 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     Returns:
         the fp32 scalar loss (and the metrics), 0 with zero gradients when no token counts.
 
-    Sweeps: one over the vocabulary for every divergence and aggregate: the logits of one chunk of rows (fixed,
-    independent of N) of the student and of all teachers are formed, reduced, turned into the student's logit
-    gradient and freed; the gradient is computed inside the forward. FLOP 2N(D_s + sum_i D_i)V + 4N D_s V (teachers
-    with weight 0 are dropped first). Extra memory O(N*(D_s + sum_i D_i) + V*(D_s + sum_i D_i) + chunk*V*(m+1)):
-    the kept rows of every input, fp32 copies of 16-bit weights on CPU, and chunks of logits totalling 128 MiB (CPU)
-    or 512 MiB (CUDA) plus a few chunk-sized temporaries of the pass. Masked tokens are dropped before any
-    projection. The reverse KL (and the mean of reverse KLs) is +inf where a teacher it compares with gives
-    probability 0 to a token the student does not; the other divergences stay finite there. CPU: the per-chunk pass
-    in torch; CUDA: one Triton kernel per chunk fuses the m + 1 log-sum-exps, the divergence and the student's logit
-    gradient. Host syncs: the input checks and the number of kept tokens. Teachers stored as top-k log-probs:
-    fused_sparse_teacher_kl.
+    Sweeps: one over the vocabulary for every divergence and aggregate: per chunk of rows, the student's and every
+    teacher's logits (one product each), then one pass (a Triton kernel on CUDA, torch on CPU) for the m + 1
+    log-sum-exps, the divergence and the student's logit gradient, then its two gradient products; the gradient is
+    formed in the forward. FLOP 2N(D_s + sum_i D_i)V + 4N D_s V (teachers with weight 0 are dropped first). Extra
+    memory O(N*(D_s + sum_i D_i) + V*(D_s + sum_i D_i) + chunk_bytes): the kept rows of every input, fp32 copies of
+    16-bit weights on CPU, and the chunk, which holds the m + 1 fp32 logits chunks (and, on CPU, the pass's
+    temporaries). Masked tokens are dropped before any projection. The reverse KL (and the mean of reverse KLs) is
+    +inf where a teacher it compares with gives probability 0 to a token the student does not; the other
+    divergences stay finite there. One host sync: the input checks and the number of kept tokens. ``impl`` accepts
+    "chunked" (the KL has no register-tile kernel); ``chunk_bytes`` as fused_linear_logprobs. Teachers stored as
+    top-k log-probs: fused_sparse_teacher_kl.
     """
     check_linear_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight",
                       "student_bias")

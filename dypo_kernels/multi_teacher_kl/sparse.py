@@ -149,7 +149,8 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
 
     Cost: one sweep over the student's vocabulary (6N D V FLOP: the student's projection and its two gradient
     products; no teacher projection at all), a chunked torch pass on every device. Extra memory
-    O(N*D + V*D + N*sum k_i + chunk*V).
+    O(N*D + V*D + N*sum k_i + chunk_bytes). One host sync (the checks and the token count). ``impl`` accepts
+    "chunked"; ``chunk_bytes`` as fused_linear_logprobs.
     """
     check_linear_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight",
                       "student_bias")

@@ -1,7 +1,9 @@
 """fused_sft_loss: the negative log-likelihood of teacher trajectories from hidden states, in one sweep."""
 
 from dypo_kernels.backend import select_backend
-from dypo_kernels.sweep import LogprobPass, TokenTerms, loss_chunks, select_impl, select_tokens, sweep_loss
+from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.tokens import select_tokens
 from dypo_kernels.validation import Checks, check_choice, check_linear_head, check_same_device, check_targets, \
     check_temperature, check_tensor
 
@@ -32,8 +34,11 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     Returns:
         fp32 scalar, differentiable in hidden, weight and bias; 0 (with zero gradients) when no token is valid.
 
-    Cost: one sweep, the gradients computed inside the forward (CPU 6NDV FLOP, CUDA 8NDV with no logits buffer);
-    extra memory O(N*D + V*D + chunk*V). Same as Liger-Kernel's fused linear cross-entropy with mean reduction.
+    impl and chunk_bytes as fused_linear_logprobs.
+
+    Cost: one sweep, the gradients formed in the forward (6NDV FLOP; 8NDV with impl="fused"); extra memory
+    O(N*D + V*D + chunk_bytes); one host sync (the target check and the token count). Same as Liger-Kernel's fused
+    linear cross-entropy with mean reduction.
     """
     check_linear_head(hidden, weight, bias)
     check_tensor("targets", targets, integer=True)

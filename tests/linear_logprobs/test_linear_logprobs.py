@@ -12,7 +12,7 @@ OPTIONS = [dict(), dict(bias=True, temperature=0.7), dict(temperature=2.5, ignor
 
 
 def low_precision_dtype(backend_name):
-    # Triton's interpreter computes bf16 on bit patterns (DESIGN.md section 4): it is tested with fp16 there
+    # Triton's interpreter computes bf16 on bit patterns (docs/testing.md): it is tested with fp16 there
     return torch.float16 if backend_name == "triton" and not HAS_CUDA else torch.bfloat16
 
 

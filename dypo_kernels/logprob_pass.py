@@ -1,0 +1,171 @@
+"""LogprobPass: the vocabulary pass of every log-prob op (fused_linear_logprobs, GRPO, SFT, GAL, dypo_loss) in the
+sweep engine, and TokenTerms, the one copy of the losses' per-token math (docs/design.md, "The sweep engine")."""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from dypo_kernels import vocab_pass
+from dypo_kernels.sweep import Chunk, loss_chunks, sweep
+
+
+@dataclass
+class TokenTerms:
+    """Per-token constants of a loss, fp32 ``[N]`` over the kept tokens (None: the term is absent).
+
+    L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 3 / 21)
+        + kl_weight_t * [r_t] * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)             (k3 estimate of the KL)
+        - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
+    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy). The KL
+    term carries r_t with ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger-Kernel's
+    use_bias_correction_kl): its gradient is then kl_weight_t r_t (lp_t - ref_t).
+    """
+
+    pg_weight: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    old_logps: Optional[torch.Tensor] = None
+    kl_weight: Optional[torch.Tensor] = None
+    ref_logps: Optional[torch.Tensor] = None
+    nll_weight: Optional[torch.Tensor] = None
+    kl_importance_weighted: bool = False
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def evaluate(self, rows, logps):
+        """(L_t, dL_t/dlp_t, diagnostics) for the tokens ``rows``, whose log-probs are ``logps``."""
+        value = torch.zeros_like(logps)
+        gradient = torch.zeros_like(logps)
+        parts = {}
+        if self.old_logps is not None and (self.pg_weight is not None or self.kl_importance_weighted):
+            ratio = torch.exp(logps - self.old_logps[rows])  # shared by the policy-gradient and the bias-corrected KL
+        else:
+            ratio = torch.ones_like(logps)
+        if self.pg_weight is not None:
+            weight, advantages = self.pg_weight[rows], self.advantages[rows]
+            clipped_ratio = ratio.clamp(1 - self.eps_low, 1 + self.eps_high)
+            policy_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+            # the clipped branch is the minimum, and flat, exactly where the ratio left the trust region on the side
+            # the advantage pushes it towards
+            clipped_low = (ratio < 1 - self.eps_low) & (advantages < 0)
+            clipped_high = (ratio > 1 + self.eps_high) & (advantages > 0)
+            used = weight != 0  # tokens outside the term add an exact 0, even where their ratio overflows
+            value += torch.where(used, weight * policy_loss, 0.0)
+            gradient += torch.where(used & ~(clipped_low | clipped_high), -weight * advantages * ratio, 0.0)
+            parts.update(policy_loss=policy_loss, ratio=ratio, clipped_low=clipped_low.float(),
+                         clipped_high=clipped_high.float())
+        if self.kl_weight is not None:
+            weight = self.kl_weight[rows]
+            log_ref_ratio = self.ref_logps[rows] - logps
+            kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+            used = weight != 0
+            if self.kl_importance_weighted:
+                gradient += torch.where(used, weight * ratio * -log_ref_ratio, 0.0)  # r kl + r (1 - e^(ref - lp))
+                kl = ratio * kl
+            else:
+                gradient += torch.where(used, weight * (1 - torch.exp(log_ref_ratio)), 0.0)
+            value += torch.where(used, weight * kl, 0.0)
+            parts["kl"] = kl  # the term as the loss has it (TRL and Liger-Kernel log the same)
+        if self.nll_weight is not None:
+            value -= self.nll_weight[rows] * logps
+            gradient -= self.nll_weight[rows]
+        return value, gradient, parts
+
+
+def logprob_bytes_per_logit(backend):
+    """What a LogprobPass holds per logit of its chunk beside the gradient workspace: the fp32 logits, and the torch
+    pass's two temporaries."""
+    return 4 + (8 if backend == "torch" else 0)
+
+
+@dataclass
+class LogprobPass:
+    """The vocabulary pass of every log-prob op, for kept tokens with ``targets`` [N] (int64).
+
+    Per chunk: the row statistics (lse, target logit, entropy) from the backend's vocabulary pass, lp = target
+    logit - lse, then the coefficients g_t = dL/dlp_t of the loss (``terms``, plus GAL's per-sequence c_i from the
+    chunk's own sequence log-probs, ``gal``), or the upstream gradients ``grad_logp`` / ``grad_entropy`` of
+    fused_linear_logprobs' backward (whose statistics ``lse`` / ``entropy`` are then known and not recomputed);
+    then the logit gradient (g_t (onehot - p) - g_H,t p (z - E_p[z])) / T into the workspace. Its outputs, fp32
+    ``[N]``: lse, logps, entropy, and the loss value L_t with its diagnostics ``parts``.
+    """
+
+    targets: torch.Tensor
+    inv_temperature: float
+    backend: str
+    terms: Optional[TokenTerms] = None
+    gal: Optional["GalTerms"] = None
+    grad_logp: Optional[torch.Tensor] = None
+    grad_entropy: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    logps: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
+    parts: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        def buffer(given):
+            return torch.zeros(self.targets.shape, dtype=torch.float32, device=self.targets.device) \
+                if given is None else given
+        self.lse, self.logps, self.entropy, self.value = map(buffer, (self.lse, self.logps, self.entropy, self.value))
+
+    @property
+    def bytes_per_logit(self):
+        return logprob_bytes_per_logit(self.backend)
+
+    def whole_chunk(self):
+        count = self.targets.shape[0]
+        return Chunk(0, count, 0, 0 if self.gal is None else self.gal.group.shape[0], 0,
+                     0 if self.gal is None else self.gal.num_groups)
+
+    def coefficients(self, chunk, lse, target_logit, entropy):
+        """Stores the chunk's statistics and returns (dL/dlp, dL/dH) for its rows (dL/dH None: no entropy term)."""
+        rows = chunk.rows
+        if self.grad_logp is not None:
+            return self.grad_logp[rows], None if self.grad_entropy is None else self.grad_entropy[rows]
+        logps = target_logit - lse
+        self.lse[rows], self.logps[rows], self.entropy[rows] = lse, logps, entropy
+        if self.terms is None and self.gal is None:
+            return None, None
+        gradient = torch.zeros_like(logps)
+        if self.terms is not None:
+            value, gradient, parts = self.terms.evaluate(rows, logps)
+            self.value[rows] = value
+            for name, part in parts.items():
+                self.parts.setdefault(name, torch.zeros_like(self.value))[rows] = part
+        if self.gal is not None:
+            gradient = gradient + self.gal.gradient(chunk, logps)
+        return gradient, None
+
+    def chunk(self, chunk, logits, workspace):
+        targets = self.targets[chunk.rows]
+        still = vocab_pass.divide_by_temperature(logits, self.inv_temperature, self.backend)
+        if self.grad_logp is not None:
+            lse, entropy = self.lse[chunk.rows], self.entropy[chunk.rows]
+            coef_logp, coef_entropy = self.coefficients(chunk, lse, None, entropy)
+        else:
+            lse, target_logit, entropy = vocab_pass.row_stats(logits, targets, still, self.backend)
+            coef_logp, coef_entropy = self.coefficients(chunk, lse, target_logit, entropy)
+        if workspace is None:
+            return None
+        scale = self.inv_temperature  # dz/dlogits: the gradient with respect to the products
+        return vocab_pass.logit_gradient(logits, targets, lse.contiguous(), entropy.contiguous(),
+                                         (coef_logp * scale).float().contiguous(),
+                                         None if coef_entropy is None else (coef_entropy * scale).float().contiguous(),
+                                         workspace, still, self.backend)
+
+    def total(self):
+        """The scalar loss: sum_t L_t, plus GAL's value."""
+        loss = self.value.sum()
+        if self.gal is not None:
+            loss = loss + self.gal.scale * self.gal.loss_and_metrics()[0]
+        return loss
+
+
+def score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):
+    """A sweep for the row statistics only (2NDV, no gradient work): the LogprobPass holding lse, logps, entropy."""
+    op_pass = LogprobPass(targets, inv_temperature, backend)
+    if hidden.shape[0]:
+        sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
+              needs_input_grad=(False, False, False), impl=impl)
+    return op_pass

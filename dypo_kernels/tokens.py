@@ -1,0 +1,56 @@
+"""The tokens a loss uses and how it aggregates them: selection of the masked tokens without a host sync, and each
+token's weight in the aggregation of a loss_type (GRPO, DAPO/BNPO, Dr.GRPO)."""
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def positions_of(flags, count):
+    """The indices where the 1-d bool ``flags`` is set, in order, given their ``count``: nonzero without its host
+    sync (each set flag scatters its index to its rank; the rest go to one spare slot)."""
+    rank = torch.where(flags, flags.long().cumsum(0) - 1, count)
+    positions = torch.empty(count + 1, dtype=torch.long, device=flags.device)
+    return positions.scatter_(0, rank, torch.arange(flags.shape[0], device=flags.device))[:count]
+
+
+def select_tokens(hidden, targets, mask, count, rows=None):
+    """The tokens a loss uses, dropped to ``[N, D]`` rows before any projection.
+
+    hidden ``[B, T, D]``, targets and mask ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in
+    order); ``count``: the number of their tokens where ``mask`` is set (a host int the op read with its checks).
+    Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64).
+    No host sync.
+    """
+    length = targets.shape[-1]
+    if rows is None:
+        kept = positions_of(mask.reshape(-1), count)
+    else:
+        within = positions_of(mask[rows].reshape(-1), count)
+        kept = rows[torch.div(within, length, rounding_mode="floor")] * length + within % length
+    sequence = torch.div(kept, length, rounding_mode="floor")
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).contiguous()
+    kept_targets = targets.reshape(-1).index_select(0, kept).long().contiguous()
+    return kept, sequence, kept_hidden, kept_targets
+
+
+def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, num_tokens=None):
+    """Weight of each kept token in the aggregation of ``loss_type`` over the sequences of ``mask`` ``[B, T]``:
+    "grpo" 1 / (B * len_i) (mean of each sequence's token mean); "bnpo"/"dapo" 1 / (tokens in the batch);
+    "dr_grpo" 1 / (B * max_len), max_len defaulting to T. fp32 ``[N]`` for the tokens' sequences ``sequence``.
+    ``num_sequences`` / ``num_tokens`` replace B / the batch's tokens when the batch is a part of a larger one."""
+    mask = mask.float()
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        lengths = mask.sum(-1).clamp(min=1)
+        return 1.0 / (sequences * lengths[sequence])
+    if loss_type in ("bnpo", "dapo"):
+        tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens), device=mask.device)
+        return (1.0 / tokens.clamp(min=1)).expand(sequence.shape[0]).contiguous()
+    return torch.full(sequence.shape, 1.0 / (max(sequences, 1) * (max_len or mask.shape[-1])),
+                      device=mask.device)
+
+
+def token_mean(values):
+    """Mean of a per-token diagnostic (0 for no token)."""
+    return values.mean() if values.numel() else values.new_zeros(())
