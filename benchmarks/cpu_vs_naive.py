@@ -10,9 +10,10 @@ Inputs (benchmarks/cases.py): hidden ~ N(0, 1) and weights ~ N(0, 1/D), logits o
 softmax); with --peaked weights ~ N(0, 1), logits of standard deviation sqrt(D) (32 at D = 1,024), the peaked softmax
 of a trained model at low temperature, where exp(z - max z) is subnormal or 0 for most entries of a row.
 
-Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (pairs, beta 0.1), sft, dypo (half
-RL rows of mid prompts, two rollouts each, half SFT rows of hard prompts), on sequences of 512 tokens, old log-probs equal to the current
-policy's; kl: forward KL to the mixture of m = 1, 2, 3 teachers of the student's hidden size.
+Losses (benchmarks/cpu_case.py): logprobs, grpo (DAPO aggregation, beta 0.04), gal (pairs, beta 0.1), sft, dypo
+(half RL rows of mid prompts, two rollouts each, half SFT rows of hard prompts), on sequences of 512 tokens, old
+log-probs equal to the current policy's; kl: forward KL to the mixture of m = 1, 2, 3 teachers of the student's
+hidden size.
 """
 
 import argparse

@@ -33,7 +33,6 @@ H100's ridge point (790 TFLOP/s / 3 TB/s = 263): the products' compute should hi
 """
 
 import math
-
 from typing import NamedTuple
 
 OPS = ("logprobs", "sft", "grpo", "gal", "dypo", "kl", "scoring")
@@ -113,7 +112,8 @@ def prediction_table(gpus=GPUS, shapes=PREDICTION_SHAPES):
                       for name, r in gpus.items())
     lines = [f"Design floor, a model (benchmarks/floor.py), not a measurement: bf16, quoted rates ({rates}); "
              "the fused impl's fp32 atomics not modelled. Beside it, not in the floor: the bytes of the chunked impl's "
-             "fp32 grad_W accumulation, one product per wave (2 GiB chunk budget), to add at the copy bandwidth where the products do "
+             "fp32 grad_W accumulation, one product per wave (2 GiB chunk budget), to add at the copy bandwidth where "
+             "the products do "
              "not hide them.", "",
              "| op | impl | N | D | V | matmul TFLOP | pass GB | " + " | ".join(f"{name} (ms)" for name in gpus)
              + " | grad_W accumulation GB (not in the floor) |", "|---|---|---|---|---|---|---|" + "---|" * len(gpus)

@@ -2,12 +2,15 @@
 sweep engine, and TokenTerms, the one copy of the losses' per-token math (docs/design.md, "The sweep engine")."""
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
 from dypo_kernels import vocab_pass
 from dypo_kernels.sweep import Chunk, loss_chunks, sweep
+
+if TYPE_CHECKING:
+    from dypo_kernels.gal.terms import GalTerms
 
 
 @dataclass

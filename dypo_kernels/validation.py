@@ -172,7 +172,8 @@ def check_mask_values(mask, checks=None):
     """A mask is bool or holds only 0 and 1 (a weight of 0.5, 2 or NaN would be taken as 1)."""
     if mask is not None and mask.dtype != torch.bool and mask.numel():
         _require(checks, ((mask == 0) | (mask == 1)).all(),
-                 lambda: f"mask must be bool or hold only 0 and 1; found {mask[(mask != 0) & (mask != 1)][:5].tolist()}")
+                 lambda: "mask must be bool or hold only 0 and 1; found "
+                         f"{mask[(mask != 0) & (mask != 1)][:5].tolist()}")
 
 
 def check_per_sequence(batch_size, device, checks=None, **per_sequence):

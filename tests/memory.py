@@ -1,6 +1,6 @@
-"""The memory contract (docs/design.md, "The memory contract"): peak extra memory of forward + backward grows with N*D and V*D, never
-with N*V. Measured as the peak RSS above the inputs of a fresh subprocess (benchmarks/cpu_case.py), with the allocator
-pinned to give memory back as soon as it is freed."""
+"""The memory contract (docs/design.md, "The memory contract"): peak extra memory of forward + backward grows with
+N*D and V*D, never with N*V. Measured as the peak RSS above the inputs of a fresh subprocess
+(benchmarks/cpu_case.py), with the allocator pinned to give memory back as soon as it is freed."""
 
 from benchmarks.cpu_case import measure
 

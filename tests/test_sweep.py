@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dypo_kernels import Route, dypo_loss, fused_gal_loss, fused_grpo_loss, fused_linear_logprobs, \
-    fused_multi_teacher_kl, fused_sft_loss, fused_sparse_teacher_kl
+from dypo_kernels import (
+    Route,
+    dypo_loss,
+    fused_gal_loss,
+    fused_grpo_loss,
+    fused_linear_logprobs,
+    fused_multi_teacher_kl,
+    fused_sft_loss,
+    fused_sparse_teacher_kl,
+)
 from dypo_kernels.sweep import Chunk, whole_group_chunks
 from tests.batches import gradients, sequence_batch
 

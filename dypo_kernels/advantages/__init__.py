@@ -79,7 +79,8 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         offsets = torch.arange(0, rewards.shape[0] + 1, group_size, device=rewards.device)
     else:
         order = torch.argsort(ids, stable=True)
-        sizes = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, torch.ones_like(ids))
+        sizes = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids,
+                                                                                            torch.ones_like(ids))
         offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
     return GroupAdvantages(*triton_kernels.group_advantages(
         rewards.float().contiguous(), order, offsets, _batch_std(rewards), num_groups, scale, float(eps),

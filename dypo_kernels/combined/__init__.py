@@ -7,17 +7,30 @@ import torch
 from dypo_kernels.advantages import grouped_advantages
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal import sequence_logprobs
-from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, consecutive_group_ids, gal_layout, gal_chunks, plan_gal, \
-    sweep_ahead
+from dypo_kernels.gal.terms import (
+    GROUP_GROWTH,
+    GalTerms,
+    consecutive_group_ids,
+    gal_chunks,
+    gal_layout,
+    plan_gal,
+    sweep_ahead,
+)
 from dypo_kernels.grade import Route
-from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.groups import group_ids
+from dypo_kernels.grpo import check_grpo_settings, policy_metrics
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import positions_of, select_tokens, token_weights
-from dypo_kernels.validation import Checks, Count, check_number, check_per_sequence, check_sequence_batch, \
-    check_temperature, check_tensor
-
+from dypo_kernels.validation import (
+    Checks,
+    Count,
+    check_number,
+    check_per_sequence,
+    check_sequence_batch,
+    check_temperature,
+    check_tensor,
+)
 
 
 def _check_routes(route, ids, checks):

@@ -5,13 +5,20 @@ import torch
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
-from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_layout, gal_chunks, plan_gal, sweep_ahead
+from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_chunks, gal_layout, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
 from dypo_kernels.logprob_pass import LogprobPass
 from dypo_kernels.sweep import select_impl, sweep_loss
 from dypo_kernels.tokens import select_tokens
-from dypo_kernels.validation import Checks, check_number, check_per_sequence, check_same_device, check_sequence_batch, \
-    check_temperature, check_tensor
+from dypo_kernels.validation import (
+    Checks,
+    check_number,
+    check_per_sequence,
+    check_same_device,
+    check_sequence_batch,
+    check_temperature,
+    check_tensor,
+)
 
 
 def _checked_pairs(seq_logps, rewards, ref_seq_logps, group_size, group_index, beta):

@@ -6,8 +6,15 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import LOSS_TYPES, select_tokens, token_mean, token_weights
-from dypo_kernels.validation import Checks, check_choice, check_number, check_per_sequence, check_sequence_batch, \
-    check_temperature, check_tensor
+from dypo_kernels.validation import (
+    Checks,
+    check_choice,
+    check_number,
+    check_per_sequence,
+    check_sequence_batch,
+    check_temperature,
+    check_tensor,
+)
 
 
 def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta", use_bias_correction_kl=False):

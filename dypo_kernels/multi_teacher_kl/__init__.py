@@ -7,15 +7,24 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from dypo_kernels import vocab_pass
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
-from dypo_kernels import vocab_pass
 from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, select_impl, sweep_loss
 from dypo_kernels.tokens import positions_of
+from dypo_kernels.validation import (
+    Checks,
+    check_choice,
+    check_linear_head,
+    check_mask_values,
+    check_number,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+)
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
-from dypo_kernels.validation import Checks, check_choice, check_mask_values, check_linear_head, check_number, check_same_device, \
-    check_temperature, check_tensor
+
 
 @dataclass
 class DenseTeachersPass:

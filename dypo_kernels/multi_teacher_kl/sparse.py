@@ -11,9 +11,15 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists, kept_rows
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.validation import (
+    Checks,
+    check_choice,
+    check_linear_head,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+)
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
-from dypo_kernels.validation import Checks, check_choice, check_linear_head, check_same_device, check_temperature, \
-    check_tensor
 
 TAILS = ("bucket", "renormalize")
 # Stored log-probs are rounded: a teacher's top-k mass may exceed 1 by this much (and a tail below it counts as 0).
@@ -112,7 +118,8 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
                              f"{tuple(ids.shape)}")
         if ids.numel() == 0:
             continue
-        checks.require(~((ids < 0) | (ids >= vocab_size)).any(), f"teacher_token_ids[{i}] must lie in [0, {vocab_size})")
+        checks.require(~((ids < 0) | (ids >= vocab_size)).any(),
+                       f"teacher_token_ids[{i}] must lie in [0, {vocab_size})")
         ordered = ids.sort(-1).values
         checks.require(~(ordered[..., 1:] == ordered[..., :-1]).any(),
                        f"teacher_token_ids[{i}] repeats a token id within a position")

@@ -1,10 +1,10 @@
 """Triton path of the per-chunk divergence pass of fused_multi_teacher_kl (the math: divergence.py's table).
 
 One program per row of the chunk. It reads the row's student logits and the m teachers' (fp32 products, divided by
-the temperature as they are loaded) in blocks of BLOCK_V: (1) the m + 1 log-sum-exps, (2) the divergence and, for reverse KL and JSD, the
-row's K = sum q (log q - A) that the gradient needs, (3) the student's logit gradient, scaled and written into
-the workspace (the operands' dtype) or over the student's logits. Memory-bound: 3 + 3m reads and one write of
-the row; no atomics, deterministic.
+the temperature as they are loaded) in blocks of BLOCK_V: (1) the m + 1 log-sum-exps, (2) the divergence and, for
+reverse KL and JSD, the row's K = sum q (log q - A) that the gradient needs, (3) the student's logit gradient,
+scaled and written into the workspace (the operands' dtype) or over the student's logits. Memory-bound: 3 + 3m reads
+and one write of the row; no atomics, deterministic.
 """
 
 import math
@@ -145,7 +145,8 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, p
 
 def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate, grad_scale, out, inv_temperature=1.0):
     """Each row's divergence (fp32 [rows]) for the student's fp32 [rows, V] logits and the teachers' (one contiguous
-    fp32 [m, rows, V] tensor), all multiplied by ``inv_temperature`` as they are loaded; ``out`` [rows, V] (fp32, bf16 or fp16, may be ``student``) receives grad_scale times
+    fp32 [m, rows, V] tensor), all multiplied by ``inv_temperature`` as they are loaded; ``out`` [rows, V] (fp32, bf16
+    or fp16, may be ``student``) receives grad_scale times
     the gradient with respect to the student's logits (divergence.py's table), subnormal entries as 0."""
     divergence = resolve(divergence, jsd_beta)
     rows, vocab = student.shape

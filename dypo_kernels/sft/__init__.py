@@ -4,8 +4,15 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import select_tokens
-from dypo_kernels.validation import Checks, check_choice, check_linear_head, check_same_device, check_targets, \
-    check_temperature, check_tensor
+from dypo_kernels.validation import (
+    Checks,
+    check_choice,
+    check_linear_head,
+    check_same_device,
+    check_targets,
+    check_temperature,
+    check_tensor,
+)
 
 REDUCTIONS = ("token_mean", "seq_mean")
 

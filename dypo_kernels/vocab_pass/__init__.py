@@ -1,11 +1,11 @@
 """The per-chunk vocabulary pass of the sweep engine (dypo_kernels/sweep.py) for every log-prob op: the row
 statistics of a chunk of fp32 logits, and the logit gradient of per-row coefficients, in one backend each.
 
-| backend  | implementation                                   | reads / writes per logit                  |
-|----------|--------------------------------------------------|-------------------------------------------|
-| "triton" | triton_pass.py, one program per row (CUDA)       | stats: 4 B read; gradient: 4 B read + the workspace's bytes written |
-| "cpp"    | csrc/vocab_pass.cpp, vectorised, OpenMP over rows | the same, the gradient in place            |
-| "torch"  | torch_pass.py                                    | a few chunk-sized temporaries              |
+| backend  | implementation                                     | per logit                                       |
+|----------|----------------------------------------------------|-------------------------------------------------|
+| "triton" | triton_pass.py, one program per row (CUDA)         | stats 4 B read; gradient 4 B read + its write   |
+| "cpp"    | csrc/vocab_pass.cpp, vectorised, OpenMP over rows  | the same, the gradient written over the logits  |
+| "torch"  | torch_pass.py                                      | a few chunk-sized temporaries                   |
 
 Every backend writes 0 where a gradient entry would be subnormal (below 2^-126): far below fp32 resolution next to
 the row's other entries, and x86 CPUs multiply subnormals about a hundred times slower in the products that follow.

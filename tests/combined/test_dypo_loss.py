@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from dypo_kernels import BatchTotals, Route, batch_totals, dypo_loss, fused_grpo_loss, fused_linear_logprobs, \
-    reference
+from dypo_kernels import BatchTotals, Route, batch_totals, dypo_loss, fused_grpo_loss, fused_linear_logprobs, reference
 from tests.batches import gradients, nearby_logps, sequence_batch
 from tests.conftest import HAS_CUDA, relative_error
 from tests.linear_logprobs.test_linear_logprobs import low_precision_dtype

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from dypo_kernels import fused_gal_loss, reference
-from dypo_kernels import sweep
+from dypo_kernels import fused_gal_loss, reference, sweep
 from dypo_kernels.gal.terms import GROUP_GROWTH
 from tests.batches import gradients, nearby_logps, sequence_batch
 from tests.conftest import relative_error

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dypo_kernels import reference
 from dypo_kernels.gal import gal_coefficients, gal_loss

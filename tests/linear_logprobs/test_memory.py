@@ -2,7 +2,7 @@ import pytest
 
 from benchmarks.cpu_case import measure
 from tests.conftest import available_backends
-from tests.memory import D, N_LARGE, N_SMALL, V, assert_memory_flat_in_n_times_v, logits_mb
+from tests.memory import N_LARGE, N_SMALL, D, V, assert_memory_flat_in_n_times_v, logits_mb
 
 
 def test_probe_sees_materialised_logits():
