@@ -12,7 +12,7 @@ VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.
 STACK_TORCH ?= 2.11.0
 STACK_VENV := .venv-torch-$(STACK_TORCH)
 
-.PHONY: test test-stack demo bench train gpu-wheels
+.PHONY: lint test test-stack demo bench train gpu-wheels
 # verl for tests/integrations/test_verl.py: verl 0.9.1 pins transformers < 5.11 and tensordict <= 0.10, so it goes
 # in without its pins, then what its registries, compute_advantage and ppo_loss import (tested with these
 # versions), constrained to the torch and transformers already installed
@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(BIN)/pip freeze | grep -iE '^(torch|transformers)==' > $(VENV)/keep.txt
 	$(BIN)/pip install --quiet -c $(VENV)/keep.txt $(VERL_IMPORTS)
 	touch $@
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/ -q

@@ -148,8 +148,12 @@ def load_any(path: Path, module, model, optimizer, scheduler, world, seed=0) -> 
             raise CheckpointError(f"{path} was written by one process: resume it without torchrun")
         return load(path, model, optimizer, scheduler)
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     needed = ["scheduler.pt", "trainer_state-rank0.json", "dcp/.metadata"]
     if layout["world_size"] == world.size:

@@ -57,8 +57,11 @@ def gradient_variance(run_dir: Path, batches: int, seed: int = 1000):
     from safetensors.torch import load_model
 
     from dypo import checkpoint
+    from dypo.batches import loss_batch
     from dypo.config import Config
-    from dypo.train import ProblemSource, Trainer
+    from dypo.data import ProblemSource
+    from dypo.routing import route_groups
+    from dypo.trainer import Trainer
     from dypo_kernels import Route
 
     config = Config(**json.loads((run_dir / "config.json").read_text()))
@@ -71,14 +74,17 @@ def gradient_variance(run_dir: Path, batches: int, seed: int = 1000):
         trainer.source = ProblemSource(config, trainer.rng)
         mid_groups = trainer.queues.groups[Route.RL]
         while len(mid_groups) < batches * config.train_batch_size:
-            trainer.rollout(trainer.source.next(config.prompts_per_step), step=config.max_steps)
+            rollouts = trainer.rollouts(trainer.source.next(config.prompts_per_step))
+            _, graded = trainer.grade(rollouts)
+            routes, _ = route_groups(graded.grade, config.strategy, config.max_steps, config)
+            trainer.enqueue(rollouts, graded, routes, config.max_steps)
             mid_groups = trainer.queues.groups[Route.RL]
         gradients = {"grpo": [], "mix": []}
         for b in range(batches):
             groups = mid_groups[b * config.train_batch_size:(b + 1) * config.train_batch_size]
             for name, alpha in (("grpo", 1.0), ("mix", config.alpha)):
                 trainer.model.zero_grad(set_to_none=True)
-                trainer.loss(trainer.batch(groups), alpha)[0].backward()
+                trainer.loss(loss_batch(groups, trainer.codec.pad_id, trainer.world.device), alpha)[0].backward()
                 gradients[name].append(_flat_gradient(trainer.model).double())
         row = {"step": step}
         for name, values in gradients.items():

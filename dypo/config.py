@@ -78,9 +78,8 @@ class Config:
     log_prob_micro_batch_size: int = option(0, "sequences per no-gradient scoring forward (old and reference "
                                                "log-probs); 0: all at once")
     generation_batch_size: int = option(0, "rollouts per generate() call; 0: all at once (vLLM batches by itself)")
-    use_vllm: str = option("false", "rollouts and evaluation through a colocated vLLM engine per process, weights "
-                                    "loaded after each update: true (CUDA; pip install 'dypo-kernels[vllm]'), false",
-                           switch=True)
+    use_vllm: bool = option(False, "rollouts and evaluation through a colocated vLLM engine per process, weights "
+                                   "loaded after each update: true (CUDA; pip install 'dypo-kernels[vllm]'), false")
     vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU's memory vLLM reserves (weights, KV cache); "
                                                      "that much must be free when it starts")
     vllm_max_model_length: int = option(0, "longest prompt + completion vLLM serves (its KV cache must hold one); "
@@ -94,9 +93,9 @@ class Config:
     gamma: float = option(1.0, "weight of the SFT term of hard prompts")
     beta_gal: float = option(1.0, "GAL sharpness beta_GAL")
     beta: float = option(0.0, "k3 KL to the reference model (beta_kl)")
-    use_bias_correction_kl: str = option("false", "the KL term weighted by the importance ratio (DeepSeek-V3.2's "
-                                                  "unbiased KL gradient; TRL's option, true by default there): "
-                                                  "true, false", switch=True)
+    use_bias_correction_kl: bool = option(False, "the KL term weighted by the importance ratio (DeepSeek-V3.2's "
+                                                 "unbiased KL gradient; TRL's option, true by default there): "
+                                                 "true, false")
     epsilon: float = option(0.2, "lower clip range")
     epsilon_high: float = option(0.2, "upper clip range")
     loss_type: str = option("grpo", "token aggregation: grpo, bnpo, dapo, dr_grpo")
@@ -104,18 +103,31 @@ class Config:
     switch_gate: int = option(0, "plain GRPO before this step (DYPO's routing after)")
     sft_teachers: str = option("one", "hard prompts: SFT on one teacher solution drawn uniformly, or on all")
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if field.type is bool:
+                setattr(self, field.name, _boolean(getattr(self, field.name)))
+
+
+def _boolean(value):
+    """true/false, the spelling of the command line (and of config.json before booleans), as a bool; any other
+    value as it is, for _check to refuse."""
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
 
 def _check(config: Config, fail):
     from dypo_kernels.advantages import SCALES
-    from dypo_kernels.sweep import LOSS_TYPES
+    from dypo_kernels.tokens import LOSS_TYPES
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
-               "use_liger_kernel": SWITCHES, "use_vllm": ("true", "false"),
-               "use_bias_correction_kl": ("true", "false")}
+               "use_liger_kernel": SWITCHES}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")
+    for field in dataclasses.fields(config):
+        if field.type is bool and not isinstance(getattr(config, field.name), bool):
+            fail(f"{field.name} must be one of true, false; got {getattr(config, field.name)!r}")
     for name in ("max_steps", "num_generations", "prompts_per_step", "max_digits", "max_new_tokens", "logging_steps",
                  "eval_prompts", "hidden_size", "num_layers", "save_steps", "save_total_limit", "sample_steps",
                  "ddp_timeout", "train_batch_size"):
@@ -129,7 +141,7 @@ def _check(config: Config, fail):
             fail(f"{name} must be positive; got {getattr(config, name)}")
     if not 0 < config.vllm_gpu_memory_utilization <= 1:
         fail(f"vllm_gpu_memory_utilization must lie in (0, 1]; got {config.vllm_gpu_memory_utilization}")
-    if config.use_vllm == "true" and not 0.01 <= config.temperature <= 2:  # vLLM 0.31's SamplingParams
+    if config.use_vllm and not 0.01 <= config.temperature <= 2:  # vLLM 0.31's SamplingParams
         fail(f"temperature must lie in [0.01, 2] with use_vllm true (vLLM's range); got {config.temperature}")
     for name in ("alpha", "warmup_ratio"):
         if not 0 <= getattr(config, name) <= 1:
@@ -157,6 +169,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _typed(field, value, source, fail):
+    if field.type is bool:
+        return _boolean(value)
     if isinstance(value, bool) and field.metadata.get("switch"):
         return "true" if value else "false"  # YAML reads true/false as booleans
     wrong = isinstance(value, bool) and field.type is not str or \
@@ -183,8 +197,9 @@ def parse_config(argv, description=None):
                         help="start afresh in an output_dir that holds a run (its checkpoints and logs are deleted)")
     fields = {field.name: field for field in dataclasses.fields(Config)}
     for field in fields.values():
-        parser.add_argument(f"--{field.name}", type=field.type, default=None,
-                            help=f"{field.metadata['help']} (default: {field.default!r})")
+        default = str(field.default).lower() if field.type is bool else repr(field.default)
+        parser.add_argument(f"--{field.name}", type=_boolean if field.type is bool else field.type, default=None,
+                            help=f"{field.metadata['help']} (default: {default})")
     options = vars(parser.parse_args(argv))
     config_file, resume = options.pop("config"), options.pop("resume")
     overwrite = options.pop("overwrite_output_dir")

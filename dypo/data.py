@@ -1,8 +1,10 @@
-"""Prompts from JSONL or Parquet files: a prompt (a string or a list of chat messages), a ground-truth answer and
-a list of teacher solutions per record, under configurable field names (defaults: LUFFY's and DYPO's ``prompt``,
-``reward_model.ground_truth``, ``target``). Every problem of a file is reported before any training starts."""
+"""The trainer's problems: from JSONL or Parquet files (a prompt, a string or a list of chat messages, a
+ground-truth answer and a list of teacher solutions per record, under configurable field names; defaults: LUFFY's
+and DYPO's ``prompt``, ``reward_model.ground_truth``, ``target``), or from the built-in task (task.py). Every
+problem of a file is reported before any training starts."""
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Union
@@ -103,3 +105,65 @@ def load_problems(path, *, prompt_field="prompt", answer_field="reward_model.gro
                                 teacher_solutions=_solutions(_field(record, teachers_field, where, "teachers_field"),
                                                              where), source=where))
     return problems
+
+
+def load_data(config):
+    """(training problems or None for the built-in task, evaluation problems)."""
+    from dypo import task  # task.py imports Problem from here
+
+    if not config.data:
+        return None, task.make_problems(random.Random(config.seed + 1), config.eval_prompts, config.max_digits)
+    fields = {"prompt_field": config.prompt_field, "answer_field": config.answer_field,
+              "teachers_field": config.teachers_field}
+    problems = load_problems(config.data, **fields)
+    if config.eval_data:
+        return problems, load_problems(config.eval_data, option="--eval_data", **fields)[:config.eval_prompts]
+    if len(problems) <= config.eval_prompts:
+        raise DataError(f"--data {config.data}: {len(problems)} records leave none for training after holding out "
+                        f"eval_prompts={config.eval_prompts}; lower --eval_prompts or give --eval_data")
+    order = list(range(len(problems)))
+    random.Random(config.seed + 1).shuffle(order)
+    held_out = set(order[:config.eval_prompts])
+    training = [p for i, p in enumerate(problems) if i not in held_out]
+    return training, [problems[i] for i in order[:config.eval_prompts]]
+
+
+def check_encodable(codec, problems):
+    """Every prompt and teacher solution through the tokenizer before any training, so that a bad record is an
+    error up front rather than mid-run."""
+    for problem in problems:
+        try:
+            codec.prompt_ids(problem.prompt)
+            for solution in problem.teacher_solutions:
+                codec.solution_ids(solution)
+        except Exception as exc:  # tokenizers and chat templates raise many unrelated types
+            raise DataError(f"{problem.source or 'a prompt'}: cannot be tokenized ({exc})") from None
+
+
+class ProblemSource:
+    """The training prompts of each step: drawn from the built-in task, or a data file in shuffled epochs."""
+
+    def __init__(self, config, rng, problems=None):
+        self.config, self.rng, self.problems = config, rng, problems
+        self.order, self.position = [], 0
+
+    def next(self, count):
+        if self.problems is None:
+            from dypo import task
+
+            return task.make_problems(self.rng, count, self.config.max_digits)
+        batch = []
+        while len(batch) < count:
+            if self.position == len(self.order):
+                self.order = list(range(len(self.problems)))
+                self.rng.shuffle(self.order)
+                self.position = 0
+            batch.append(self.problems[self.order[self.position]])
+            self.position += 1
+        return batch
+
+    def state(self):
+        return {"order": self.order, "position": self.position}
+
+    def load_state(self, state):
+        self.order, self.position = state["order"], state["position"]

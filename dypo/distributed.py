@@ -11,37 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-# How the metrics of a step's parts (micro-batches, updates, ranks) merge: counts add up, step time and memory take
-# the largest, what every part shares is kept, a part's loss terms are weighted by the prompts (or pairs) they
-# cover and its token means by its RL tokens (so they are the whole step's token means), the rest is averaged.
-SUMMED = ("rollout_tokens", "train_tokens", "tokens_per_second", "num_prompts_sft", "num_prompts_rl", "num_pairs",
-          "num_tokens_rl")
-LARGEST = ("step_seconds", "peak_memory_mb")
-SHARED = ("step", "updates", "queued_prompts")
-WEIGHTED = {"loss_sft": "num_prompts_sft", "loss_grpo": "num_prompts_rl", "loss_gal": "num_prompts_rl",
-            "pair_accuracy": "num_pairs", "mean_margin": "num_pairs",
-            **{name: "num_tokens_rl" for name in ("mean_ratio", "mean_entropy", "mean_kl", "clip_fraction_low",
-                                                  "clip_fraction_high")}}
-
-
-def merge_metrics(parts):
-    """One metrics dict from several parts' (see SUMMED, LARGEST, SHARED, WEIGHTED)."""
-    merged = {}
-    for name in dict.fromkeys(name for part in parts for name in part):
-        found = [part for part in parts if name in part]
-        values = [float(part[name]) for part in found]
-        if len(found) == 1 or name in SHARED:
-            merged[name] = found[0][name]
-        elif name in SUMMED:
-            merged[name] = sum(values)
-        elif name in LARGEST:
-            merged[name] = max(values)
-        elif name in WEIGHTED and sum(float(part.get(WEIGHTED[name], 0)) for part in found) > 0:
-            weights = [float(part.get(WEIGHTED[name], 0)) for part in found]
-            merged[name] = sum(w * v for w, v in zip(weights, values)) / sum(weights)
-        else:
-            merged[name] = sum(values) / len(values)
-    return merged
+from dypo.metrics import merge_metrics
 
 
 class World:

@@ -5,10 +5,11 @@
 
 What changes against GRPOTrainer, and nothing else:
 - after TRL has generated and scored a generation batch, each group of ``num_generations`` rollouts is graded
-  (success: reward > 0.5): easy groups are dropped, mid groups are trained by alpha GRPO + (1 - alpha) GAL, and a
-  hard group's first row is replaced by a teacher solution from the dataset column ``teachers_field`` (default
-  ``target``: a list of strings or of messages with a ``content``), drawn uniformly, for SFT (its other rows are
-  dropped); ``switch_gate`` holds plain GRPO for the first optimizer steps;
+  (success: reward > 0.5) and routed by DYPO's rule (dypo.routing): easy groups are dropped, mid groups are
+  trained by alpha GRPO + (1 - alpha) GAL, and a hard group's first row is replaced by a teacher solution from the
+  dataset column ``teachers_field`` (default ``target``: a list of strings or of messages with a ``content``),
+  drawn uniformly, for SFT (its other rows are dropped); ``switch_gate`` holds plain GRPO for the first optimizer
+  steps;
 - the generation batch is shuffled and split by whole groups (GAL pairs rollouts within a group), so
   ``per_device_train_batch_size`` must be a multiple of ``num_generations``;
 - the training loss is ``dypo_loss`` on the policy's last hidden states and ``lm_head.weight``: the model runs
@@ -35,9 +36,11 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from dypo.metrics import LOSS_TERMS, WEIGHTS, read_metrics
 from dypo.policy import Runtime, check_head
+from dypo.routing import routes_of
 from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, group_advantages
-from dypo_kernels.sweep import LOSS_TYPES
+from dypo_kernels.tokens import LOSS_TYPES
 
 # the per-token tensors of a micro-batch, [rows, completion width]
 COMPLETION_COLUMNS = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
@@ -104,20 +107,18 @@ class DYPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * rows
         rewards = all_rewards[start:start + rows].float()
         all_grades = group_advantages(all_rewards.float().cpu(), group_size=k).grade  # every process's groups
-        grades = all_grades[start // k:(start + rows) // k].tolist()
-        plain_grpo = self.state.global_step < self.switch_gate
-        route = torch.full((rows,), int(Route.RL), device=device)
+        group_routes = routes_of(all_grades[start // k:(start + rows) // k],
+                                 plain_grpo=self.state.global_step < self.switch_gate)
+        route = group_routes.repeat_interleave(k)
         teacher_rows = {}
-        for g, grade in enumerate(grades):
-            if grade == Grade.EASY:
-                route[g * k:(g + 1) * k] = int(Route.SKIP)
-            elif grade == Grade.HARD and not plain_grpo:
+        for g, group_route in enumerate(group_routes.tolist()):
+            if group_route == Route.SFT:  # a teacher solution over the group's first row, the others dropped
                 route[g * k:(g + 1) * k] = int(Route.SKIP)
                 route[g * k] = int(Route.SFT)
                 teacher_rows[g * k] = self._teacher_ids(inputs[g * k], g * k)
         if teacher_rows:
             self._put_teacher_solutions(output, teacher_rows)
-        output.update(route=route, rewards=rewards)
+        output.update(route=route.to(device), rewards=rewards)
         for grade in (Grade.HARD, Grade.MID, Grade.EASY):
             self._metrics["train"][f"dypo/share_{grade.name.lower()}"].append(
                 (all_grades == grade).float().mean().item())
@@ -200,25 +201,24 @@ class DYPOTrainer(GRPOTrainer):
         return loss * scale
 
     def _log_loss_metrics(self, metrics):
-        """The loss terms and diagnostics of one micro-batch. Under dapo a micro-batch's loss terms are its shares of
-        the generation batch's: every process's shares are summed, so that the mean over the generation batch's
-        micro-batches is the generation batch's term. Otherwise each micro-batch's own value on this process, where
-        it has the term (RL prompts for the token means, pairs for GAL); TRL gathers its KL and clip metrics over
-        the processes first, which this does not."""
+        """The loss terms and diagnostics of one micro-batch (dypo.metrics.WEIGHTS), read in one device-to-host
+        copy. Under dapo a micro-batch's loss terms are its shares of the generation batch's: every process's
+        shares are summed, so that the mean over the generation batch's micro-batches is the generation batch's
+        term. Otherwise each micro-batch's own value on this process, where it covers some of the value's count
+        (prompts for the loss terms, RL tokens for the token means, pairs for GAL's); TRL gathers its KL and clip
+        metrics over the processes first, which this does not."""
         train = self._metrics["train"]
-        terms = ("loss_sft", "loss_grpo", "loss_gal")
+        (values,) = read_metrics([metrics])
+        logged = dict(WEIGHTS)
         if self.loss_type == "dapo":
-            shares = torch.tensor([float(metrics[name]) for name in terms], device=self.accelerator.device)
-            for name, total in zip(terms, self.accelerator.gather(shares).view(-1, len(terms)).sum(0).tolist()):
+            shares = torch.tensor([values[name] for name in LOSS_TERMS], device=self.accelerator.device)
+            totals = self.accelerator.gather(shares).view(-1, len(LOSS_TERMS)).sum(0).tolist()
+            for name, total in zip(LOSS_TERMS, totals):
                 train[f"dypo/{name}"].append(total * self.args.steps_per_generation)
-            terms = ()
-        has_rl, has_pairs = metrics["num_tokens_rl"] > 0, metrics.get("num_pairs", 0) > 0
-        present = {"loss_sft": metrics["num_prompts_sft"] > 0, "loss_grpo": has_rl, "loss_gal": has_pairs,
-                   "pair_accuracy": has_pairs, "clip_fraction_low": has_rl, "clip_fraction_high": has_rl,
-                   "mean_kl": has_rl}
-        for name in (*terms, "pair_accuracy", "clip_fraction_low", "clip_fraction_high", "mean_kl"):
-            if name in metrics and present[name]:
-                train[f"dypo/{name}"].append(float(metrics[name]))
+                del logged[name]
+        for name, count in logged.items():
+            if name in values and values.get(count, 0) > 0:
+                train[f"dypo/{name}"].append(values[name])
 
 
 def _without_trailing_padding(inputs):

@@ -16,9 +16,9 @@ GRPO run switches to DYPO's mid-prompt objective with:
 What each part does:
 - ``dypo_advantages`` (driver, on the batch as it goes to the actor): checks that each prompt's rows are one
   contiguous block of ``rollout.n`` rows, grades each group (success: reward > ``success_threshold``; the reward is
-  the row's ``token_level_rewards`` sum, which holds the KL penalty if ``use_kl_in_reward``), and gives mid groups
-  their GRPO advantage (``group_advantages``: sample std, or none with ``algorithm.norm_adv_by_std_in_grpo=False``),
-  easy and hard groups zero.
+  the row's ``token_level_rewards`` sum, which holds the KL penalty if ``use_kl_in_reward``), routes it by DYPO's
+  rule (dypo.routing), and gives the groups routed to RL (mid ones) their GRPO advantage (``group_advantages``:
+  sample std, or none with ``algorithm.norm_adv_by_std_in_grpo=False``), easy and hard groups zero.
 - ``dypo_policy_loss`` (actor, per micro-batch): alpha * verl's own ``vanilla`` loss (PPO clip, dual clip,
   rollout importance weights, ``loss_agg_mode``: exactly ``loss_mode=vanilla``) + (1 - alpha) * GAL (paper eq.
   14-15) over each block of ``rollout.n`` rows. verl hands a policy loss only token log-probs and advantages, so the
@@ -38,10 +38,16 @@ Tested on CPU against verl 0.9.1 (tests/integrations/test_verl.py), not in a ver
 """
 
 import torch
-from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY, compute_policy_loss_vanilla, \
-    register_adv_est, register_policy_loss
+from verl.trainer.ppo.core_algos import (
+    ADV_ESTIMATOR_REGISTRY,
+    POLICY_LOSS_REGISTRY,
+    compute_policy_loss_vanilla,
+    register_adv_est,
+    register_policy_loss,
+)
 
-from dypo_kernels import Grade, gal_loss, group_advantages
+from dypo.routing import routes_of
+from dypo_kernels import Route, gal_loss, group_advantages
 from dypo_kernels.gal import groups_with_pairs, sequence_logprobs
 from dypo_kernels.validation import check_number
 
@@ -91,8 +97,9 @@ def dypo_advantages(token_level_rewards, response_mask, index=None, config=None,
     graded = group_advantages(token_level_rewards.float().sum(-1), group_size=group_size,
                               scale="group" if normalise else "none", eps=epsilon,
                               success_threshold=success_threshold)
-    is_mid = (graded.grade == Grade.MID).repeat_interleave(group_size)
-    advantages = torch.where(is_mid, graded.advantages, 0.0)[:, None] * response_mask
+    # verl has no hook for hard prompts' teacher solutions: only RL groups train
+    is_rl = (routes_of(graded.grade) == Route.RL).repeat_interleave(group_size)
+    advantages = torch.where(is_rl, graded.advantages, 0.0)[:, None] * response_mask
     return advantages, advantages
 
 

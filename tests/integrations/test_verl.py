@@ -16,8 +16,12 @@ if importlib.util.find_spec("verl") is None:  # a verl that is there but fails t
 from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
-from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, compute_policy_loss_vanilla, \
-    get_adv_estimator_fn, get_policy_loss_fn  # noqa: E402
+from verl.trainer.ppo.core_algos import (
+    compute_grpo_outcome_advantage,
+    compute_policy_loss_vanilla,
+    get_adv_estimator_fn,  # noqa: E402
+    get_policy_loss_fn,
+)
 from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import dypo.policy
+import dypo.run
 import dypo.train
 
 
@@ -27,7 +28,7 @@ def forced_generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temper
 
 if __name__ == "__main__":
     dypo.policy.generate = forced_generate
-    finish = dypo.train._finish
+    finish = dypo.run._finish
 
     def finish_and_hash(config, out, history, before, after, eval_prompts, trainer):
         digest = hashlib.sha256()
@@ -37,6 +38,6 @@ if __name__ == "__main__":
         Path(out, f"params-rank{trainer.world.rank}.sha256").write_text(digest.hexdigest())
         return finish(config, out, history, before, after, eval_prompts, trainer)
 
-    dypo.train._finish = finish_and_hash
+    dypo.run._finish = finish_and_hash
     torch.set_num_threads(1)
     dypo.train.main(sys.argv[1:])

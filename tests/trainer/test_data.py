@@ -17,14 +17,14 @@ def write_jsonl(path, records):
 
 def test_jsonl_and_parquet_give_the_same_problems(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
+    parquet = pytest.importorskip("pyarrow.parquet")
 
     records = [LUFFY_RECORD, {**LUFFY_RECORD, "reward_model": {"ground_truth": "4"}, "target": ["4"]}]
     from_jsonl = load_problems(write_jsonl(tmp_path / "d.jsonl", records))
     assert from_jsonl[0] == Problem([{"role": "user", "content": "What is 2+3?"}], "5",
                                     ["2+3 = \\boxed{5}", "It is 5"])
     columnar = [{**r, "target": [t if isinstance(t, str) else t["content"] for t in r["target"]]} for r in records]
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(columnar), tmp_path / "d.parquet")
+    parquet.write_table(pyarrow.Table.from_pylist(columnar), tmp_path / "d.parquet")
     assert load_problems(tmp_path / "d.parquet") == from_jsonl
     numeric = load_problems(write_jsonl(tmp_path / "n.jsonl", [{"prompt": "1+1=", "reward_model": {"ground_truth": 2},
                                                                  "target": "2"}]))

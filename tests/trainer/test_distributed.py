@@ -171,20 +171,3 @@ def test_a_dead_rank_ends_the_run_and_the_last_checkpoint_stays_loadable(tmp_pat
     newest = checkpoint.checkpoints(run_dir)[-1]
     assert sharded_weights(newest)  # complete and loadable
     torchrun(FORCED, "--resume", str(run_dir), "--max_steps", str(int(newest.name.split("-")[1]) + 1))
-
-
-def test_parts_merge_into_the_whole_steps_metrics():
-    """Counts add up, loss terms weigh by prompts (or pairs), token means by RL tokens: the merged clip fraction
-    is the share of all the step's RL tokens that were clipped."""
-    from dypo.distributed import merge_metrics
-
-    parts = [{"num_prompts_rl": 1, "num_tokens_rl": 10, "loss_grpo": 0.3, "clip_fraction_low": 0.5, "num_pairs": 4,
-              "pair_accuracy": 0.25, "step_seconds": 2.0, "grad_norm": 1.0},
-             {"num_prompts_rl": 3, "num_tokens_rl": 30, "loss_grpo": 0.1, "clip_fraction_low": 0.1, "num_pairs": 0,
-              "pair_accuracy": 0.0, "step_seconds": 3.0, "grad_norm": 3.0}]
-    merged = merge_metrics(parts)
-    assert merged["num_prompts_rl"] == 4 and merged["num_tokens_rl"] == 40 and merged["num_pairs"] == 4
-    assert merged["clip_fraction_low"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
-    assert merged["loss_grpo"] == pytest.approx((1 * 0.3 + 3 * 0.1) / 4)
-    assert merged["pair_accuracy"] == pytest.approx(0.25)  # the part without pairs has no say
-    assert merged["step_seconds"] == 3.0 and merged["grad_norm"] == 2.0

@@ -7,8 +7,9 @@ import torch
 from dypo import task
 from dypo.config import Config
 from dypo.data import Problem
-from dypo.train import Queues, Row, Trainer, main, route_groups
-from dypo_kernels import Grade, Route
+from dypo.train import main
+from dypo.trainer import Trainer
+from dypo_kernels import Route
 
 
 def test_task_teachers_are_correct_in_their_own_styles():
@@ -20,21 +21,6 @@ def test_task_teachers_are_correct_in_their_own_styles():
     assert len(set(problem.teacher_solutions)) == 2
     tokenizer = task.CharTokenizer()
     assert tokenizer.decode(tokenizer.encode("(3+4)=7") + [task.EOS, 5]) == "(3+4)=7"
-
-
-@pytest.mark.parametrize("strategy,step,expected,plain_grpo", [
-    ("dypo", 5, [Route.SKIP, Route.RL, Route.SFT], False),
-    ("grpo", 5, [Route.SKIP, Route.RL, Route.RL], True),
-    ("sft", 5, [Route.SFT, Route.SFT, Route.SFT], False),
-    ("sft_then_rl", 0, [Route.SFT, Route.SFT, Route.SFT], False),
-    ("sft_then_rl", 9, [Route.SKIP, Route.RL, Route.RL], True),
-    ("dypo", 1, [Route.SKIP, Route.RL, Route.RL], True),  # before switch_gate: plain GRPO
-])
-def test_routes_follow_grades(strategy, step, expected, plain_grpo):
-    config = Config(strategy=strategy, max_steps=10, switch_gate=2, alpha=0.3)
-    routes, alpha = route_groups([Grade.EASY, Grade.MID, Grade.HARD], strategy, step, config)
-    assert routes == expected
-    assert alpha == (1.0 if plain_grpo else 0.3)
 
 
 PROBLEMS = [Problem("1+1=", "2", ["2", "(1+1)=2"]), Problem("2+2=", "4", ["4", "(2+2)=4"]),
@@ -85,6 +71,12 @@ def test_all_teachers_option_trains_on_every_solution(monkeypatch):
     assert completions == {"6", "(3+3)=6"}
 
 
+def test_updates_report_every_loss_metric_the_table_names(monkeypatch):
+    trainer = forced_trainer(monkeypatch, beta=0.1)
+    metrics, _ = trainer.train_step(0)
+    assert {"mean_entropy", "mean_margin", "mean_ratio", "mean_kl", "pair_accuracy", "num_tokens_rl"} <= set(metrics)
+
+
 def four_prompt_trainer(monkeypatch, **options):
     """Prompts mid, hard, mid, easy: three routed groups, so micro-batches of 2 split them unevenly."""
     problems = [PROBLEMS[1], PROBLEMS[2], Problem("4+4=", "8", ["8", "(4+4)=8"]), PROBLEMS[0]]
@@ -109,7 +101,9 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, beta, lo
     parts = four_prompt_trainer(monkeypatch, micro_batch_size=2, log_prob_micro_batch_size=3, **options)
     parts_metrics, _ = parts.train_step(0)  # micro-batches [mid, hard] and [mid]: the second has no SFT rows
     assert whole_metrics["updates"] == parts_metrics["updates"] == 1
-    for name in ("loss", "loss_sft", "loss_grpo", "loss_gal", "mean_ratio", "pair_accuracy", "entropy"):
+    # not pair_accuracy: at step 0 the policy is its reference, so every GAL margin is 0 up to rounding, and which
+    # side of 0 it rounds to depends on how the rows were batched
+    for name in ("loss", "loss_sft", "loss_grpo", "loss_gal", "mean_ratio", "entropy"):
         assert parts_metrics[name] == pytest.approx(whole_metrics[name], rel=1e-5, abs=1e-7), name
     for name in ("num_prompts_sft", "num_prompts_rl", "num_pairs", "num_tokens_rl", "train_tokens"):
         assert parts_metrics[name] == whole_metrics[name], name
@@ -128,22 +122,14 @@ def test_generation_in_chunks_gives_the_same_greedy_completions():
                     batch_size=2) == whole
 
 
-def test_queues_fire_in_arrival_order_and_survive_a_round_trip():
-    queues = Queues()
-    for step, route in enumerate([Route.SFT, Route.RL, Route.RL, Route.SFT]):
-        queues.push(step, route, [Row([1, 2, 3], 2, 1.0, 0.5, [-0.1], [-0.2])])
-    restored = Queues.from_state(json.loads(json.dumps(queues.state())))
-    assert restored.state() == queues.state()
-    assert [g.step for g in restored.pop_batch(3)] == [0, 1, 2] and len(restored) == 1
-
-
 @pytest.mark.parametrize("corrected", ["true", "false"])
 def test_loss_options_reach_dypo_loss(tmp_path, monkeypatch, corrected):
-    import dypo.train
+    import dypo.trainer
 
     seen = []
-    real = dypo.train.dypo_loss
-    monkeypatch.setattr(dypo.train, "dypo_loss", lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    real = dypo.trainer.dypo_loss
+    monkeypatch.setattr(dypo.trainer, "dypo_loss",
+                        lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
     main(["--max_steps", "2", "--eval_prompts", "2", "--beta", "0.1", "--loss_type", "dapo", "--epsilon_high", "0.28",
           "--use_bias_correction_kl", corrected, "--output_dir", str(tmp_path / "run")])
     assert seen and all(kwargs["use_bias_correction_kl"] == (corrected == "true") and kwargs["beta_kl"] == 0.1 and

@@ -12,7 +12,8 @@ import torch
 
 from dypo import policy
 from dypo.config import Config
-from dypo.train import Trainer, main
+from dypo.train import main
+from dypo.trainer import Trainer
 from dypo.vllm_engine import VLLMEngine
 
 
@@ -77,8 +78,8 @@ def stand_in_vllm(monkeypatch):
         engines.append(VLLMEngine(StandInLLM(model, codec), codec))
         return engines[-1]
 
-    monkeypatch.setattr("dypo.train.prepare_vllm", lambda config, model, runtime: model)
-    monkeypatch.setattr("dypo.train.start_vllm", start)
+    monkeypatch.setattr("dypo.trainer.prepare_vllm", lambda config, model, runtime: model)
+    monkeypatch.setattr("dypo.trainer.start_vllm", start)
     return engines
 
 
