@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 VERL_IMPORTS := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 torchdata==0.11.0 codetiming==1.4.0 orjson==3.13.0 \
 	peft==0.21.2 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 pillow==13.0.0
 
-# another torch / Triton pair for `make test-stack` (README, "Install and use"): 2.11.0 carries Triton 3.6, the GPU
-# machines' pair; 2.6.0 carries 3.2. Both are CUDA builds (about 3 GB); their Triton interpreters need numpy < 2.3.
+# another torch / Triton pair for `make test-stack` (docs/testing.md, "Supported versions"): 2.11.0 carries Triton 3.6,
+# 2.6.0 carries 3.2. Both are CUDA builds (about 3 GB); their Triton interpreters need numpy < 2.3.
 STACK_TORCH ?= 2.11.0
 STACK_VENV := .venv-torch-$(STACK_TORCH)
 
@@ -48,9 +48,9 @@ bench: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(BIN)/python -m dypo.train --overwrite_output_dir
 
-# the competitors of benchmarks.report, as wheels for the GPU machines' Python 3.12 (they cannot download): carry
-# .whl to the machine, where `sh benchmarks/gpu_session.sh` installs them and runs the report (README, "GPU"). With
-# the venv's pip where there is one (a fresh Debian python3 may have no pip).
+# the competitors of benchmarks.report, as Python 3.12 wheels for a GPU machine without network access: carry .whl to
+# it, where `sh benchmarks/gpu_session.sh` installs them and runs the report (docs/testing.md). With the venv's pip
+# where there is one (a fresh Debian python3 may have no pip).
 gpu-wheels:
 	$(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \

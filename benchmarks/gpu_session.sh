@@ -1,5 +1,5 @@
 #!/bin/sh
-# The GPU session's one command (README, "GPU"). Here, first: `make gpu-wheels` (Liger-Kernel and Cut Cross-Entropy
+# The GPU session's one command (docs/testing.md). Here, first: `make gpu-wheels` (Liger-Kernel and Cut Cross-Entropy
 # into .whl/). Then, on the device machine, carrying .whl:
 #
 #     sh benchmarks/gpu_session.sh
