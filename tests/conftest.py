@@ -50,6 +50,16 @@ def backend(request, monkeypatch):
     return torch.device("cuda" if name == "triton" and HAS_CUDA else "cpu")
 
 
+def set_chunk_rows(monkeypatch, rows, vocab_size, backend_name):
+    """Sets DYPO_KERNELS_CHUNK_BYTES so that a log-prob sweep's chunks hold ``rows`` rows at ``vocab_size`` on
+    ``backend_name`` (what LogprobPass holds per logit; on Triton the chunk's logits get half the budget)."""
+    from dypo_kernels.logprob_pass import logprob_bytes_per_logit
+
+    share = 2 if backend_name == "triton" else 1
+    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES",
+                       str(rows * vocab_size * logprob_bytes_per_logit(backend_name) * share))
+
+
 def relative_error(actual, expected):
     """||actual - expected|| / ||expected|| in float64."""
     expected = expected.detach().double()

@@ -3,7 +3,7 @@ import torch
 
 from dypo_kernels import BatchTotals, Route, batch_totals, dypo_loss, fused_grpo_loss, fused_linear_logprobs, reference
 from tests.batches import gradients, nearby_logps, sequence_batch
-from tests.conftest import HAS_CUDA, relative_error
+from tests.conftest import HAS_CUDA, relative_error, set_chunk_rows
 from tests.linear_logprobs.test_linear_logprobs import low_precision_dtype
 
 # 4 prompts: 0 and 2 mid (RL rollouts), 1 hard (two SFT teacher trajectories), 3 easy (SKIP); rows shuffled
@@ -38,9 +38,7 @@ def chunk_rows(request, backend, monkeypatch):
     """Chunks of CHUNK_ROWS rows at V = 101: the RL groups of dypo_inputs hold at most 3 x 8 tokens (24 rows hold one
     group, not two; 7 rows make the chunk grow to hold each group whole; with 2 rows, groups of more than 8
     tokens are swept ahead)."""
-    # bytes per chunk row per logit: the torch pass holds two more temporaries; Triton gives the fp32 logits half
-    per_logit = {"torch": 12, "cpp": 4, "triton": 8}[request.node.backend_name]
-    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(CHUNK_ROWS[request.param] * per_logit * 101))
+    set_chunk_rows(monkeypatch, CHUNK_ROWS[request.param], 101, request.node.backend_name)
     return CHUNK_ROWS[request.param]
 
 

@@ -4,7 +4,7 @@ import torch
 from dypo_kernels import fused_gal_loss, reference, sweep
 from dypo_kernels.gal.terms import GROUP_GROWTH
 from tests.batches import gradients, nearby_logps, sequence_batch
-from tests.conftest import relative_error
+from tests.conftest import relative_error, set_chunk_rows
 
 
 def reference_fused_gal(batch, rewards, *, ref_logps=None, average_log_prob=False, temperature=1.0, **group):
@@ -26,9 +26,7 @@ def chunk_rows(request, backend, monkeypatch):
     """Chunks of CHUNK_ROWS rows at V = 90: the tests' batches have groups of at most 4 x 7 tokens (28 rows hold one
     group, not two; 7 rows make the chunk grow to hold each group whole; with 2 rows, groups of more than 8
     tokens are swept ahead)."""
-    # bytes per chunk row per logit: the torch pass holds two more temporaries; Triton gives the fp32 logits half
-    per_logit = {"torch": 12, "cpp": 4, "triton": 8}[request.node.backend_name]
-    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(CHUNK_ROWS[request.param] * per_logit * 90))
+    set_chunk_rows(monkeypatch, CHUNK_ROWS[request.param], 90, request.node.backend_name)
     return CHUNK_ROWS[request.param]
 
 
