@@ -1,34 +1,41 @@
 """group_advantages: GRPO's group-normalised advantages and DYPO's grade of each group, in one kernel."""
 
-import math
-
 import torch
 
 from dypo_kernels.backend import select_backend
 from dypo_kernels.grade import Grade, GroupAdvantages
 from dypo_kernels.groups import group_ids
-from dypo_kernels.validation import Checks, check_tensor
+from dypo_kernels.validation import Checks, check_number, check_tensor
 
 SCALES = ("group", "batch", "none")
 
 
-def _group_advantages_torch(rewards, ids, num_groups, batch_std, scale, eps, success_threshold):
-    rewards = rewards.float()
-    count = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, torch.ones_like(rewards))
-    mean = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, rewards) / count
-    centred = rewards - mean[ids]
-    square = torch.zeros(num_groups, device=rewards.device).index_add_(0, ids, centred * centred)
+def _group_advantages_torch(rewards, ids, num_groups, batch, scale, eps, success_threshold):
+    """The statistics in units of each group's magnitude s_g = max |R| (1 for a group of zeros), so that any finite
+    rewards give finite advantages: u = R / s_g in [-1, 1] (in the rewards' dtype, then fp32), and
+    A = (u - mean_u) / (std_u + eps / s_g), which is (R - mean) / (std + eps)."""
+    device, rewards = rewards.device, _exact(rewards)
+    magnitude = torch.zeros(num_groups, dtype=rewards.dtype, device=device).scatter_reduce_(
+        0, ids, rewards.abs(), "amax")
+    magnitude = torch.where(magnitude > 0, magnitude, 1.0)
+    units = (rewards / magnitude[ids]).float()
+    count = torch.zeros(num_groups, device=device).index_add_(0, ids, torch.ones_like(units))
+    mean = torch.zeros(num_groups, device=device).index_add_(0, ids, units) / count
+    centred = units - mean[ids]
+    square = torch.zeros(num_groups, device=device).index_add_(0, ids, centred * centred)
     std = torch.where(count > 1, (square / (count - 1).clamp(min=1)).sqrt(), 0.0)
-    advantages = centred
     if scale == "group":
-        advantages = centred / (std[ids] + eps)
+        advantages = centred / (std + (eps / magnitude).float())[ids]
     elif scale == "batch":
-        advantages = centred / (batch_std + eps)
+        batch_std, batch_magnitude = batch
+        advantages = centred * (magnitude / batch_magnitude).float()[ids] / (batch_std + eps / batch_magnitude).float()
+    else:
+        advantages = (centred * magnitude[ids]).float()
     success = (rewards > success_threshold).long()
-    num_success = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids, success)
+    num_success = torch.zeros(num_groups, dtype=torch.long, device=device).index_add_(0, ids, success)
     grade = torch.where(num_success == 0, int(Grade.HARD),
                         torch.where(num_success == count.long(), int(Grade.EASY), int(Grade.MID)))
-    return advantages, mean, std, num_success, grade
+    return advantages, (mean * magnitude).float(), (std * magnitude).float(), num_success, grade
 
 
 def group_advantages(rewards, *, group_size=None, group_index=None, scale="group", eps=1e-6,
@@ -39,6 +46,9 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
     and verl compute it), the whole batch's sample std for ``"batch"``, and no division for ``"none"`` (Dr.GRPO).
     A group of one has std 0 (advantage 0). Rollout i succeeds when R_i > ``success_threshold``; a group is
     ``Grade.EASY`` when all of its rollouts succeed, ``Grade.HARD`` when none does, ``Grade.MID`` otherwise.
+
+    The statistics are taken in units of each group's largest |R_i|, so finite rewards of any magnitude give finite
+    advantages (with ``"none"``, R_i - mean_g itself must fit fp32); ``mean`` and ``std`` are returned in fp32.
 
     Args:
         rewards: ``[B]`` float rewards; NaN or inf is an error.
@@ -57,8 +67,8 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps, low=0)
+    check_number("success_threshold", success_threshold)
     checks = Checks()
     if rewards.numel():
         checks.require(torch.isfinite(rewards).all(), lambda: "rewards must be finite; found NaN or inf at rows "
@@ -70,7 +80,7 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         empty = rewards.new_zeros(0, dtype=torch.float32)
         return GroupAdvantages(empty, empty, empty, empty.long(), empty.long())
     if select_backend(rewards.device) != "triton":
-        return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, _batch_std(rewards), scale, eps,
+        return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, _batch_scale(rewards), scale, eps,
                                                         success_threshold))
     from dypo_kernels.advantages import triton_kernels
 
@@ -82,13 +92,25 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         sizes = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids,
                                                                                             torch.ones_like(ids))
         offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
+    batch_std, batch_magnitude = _batch_scale(rewards)
     return GroupAdvantages(*triton_kernels.group_advantages(
-        rewards.float().contiguous(), order, offsets, _batch_std(rewards), num_groups, scale, float(eps),
-        float(success_threshold)))
+        _exact(rewards).contiguous(), order, offsets, torch.stack([batch_std.to(batch_magnitude.dtype),
+                                                                   batch_magnitude]),
+        num_groups, scale, float(eps), float(success_threshold)))
 
 
-def _batch_std(rewards):
-    return rewards.float().std().reshape(1) if rewards.numel() > 1 else rewards.new_zeros(1, dtype=torch.float32)
+def _exact(rewards):
+    """fp64 rewards as they are (they may exceed fp32's range), others in fp32 (16-bit values fit exactly)."""
+    return rewards if rewards.dtype == torch.float64 else rewards.float()
+
+
+def _batch_scale(rewards):
+    """(the batch's sample std in units of its magnitude, fp32; the magnitude max |R|, 1 for zeros)."""
+    rewards = _exact(rewards)
+    magnitude = rewards.abs().amax() if rewards.numel() else rewards.new_ones(())
+    magnitude = torch.where(magnitude > 0, magnitude, 1.0)
+    std = (rewards / magnitude).float().std() if rewards.numel() > 1 else magnitude.new_zeros((), dtype=torch.float32)
+    return std, magnitude
 
 
 def grouped_advantages(rewards, ids, num_groups):
@@ -96,4 +118,4 @@ def grouped_advantages(rewards, ids, num_groups):
     unchecked core that dypo_loss calls, without host sync."""
     if not rewards.numel():
         return rewards.new_zeros(0, dtype=torch.float32)
-    return _group_advantages_torch(rewards, ids, num_groups, _batch_std(rewards), "group", 1e-6, 0.5)[0]
+    return _group_advantages_torch(rewards, ids, num_groups, None, "group", 1e-6, 0.5)[0]

@@ -58,3 +58,30 @@ def test_ragged_groups_in_any_order_match_reference(backend):
 def test_bad_input_raises_naming_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         group_advantages(**kwargs)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e30), (torch.float32, 1e-30), (torch.float64, 1e39),
+                                             (torch.float64, 1e-300)])
+def test_finite_rewards_of_any_magnitude_give_finite_advantages(backend, scale, dtype, magnitude):
+    """Squares of 1e30 overflow fp32, and fp64 rewards of 1e39 do not fit fp32 at all: the statistics are taken in
+    units of each group's largest |reward|."""
+    rewards = (torch.tensor([1.0, -1.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0], dtype=torch.float64) * magnitude).to(dtype)
+    out = group_advantages(rewards.to(backend), group_size=4, scale=scale)
+    expected = reference.group_advantages(rewards, group_size=4, scale=scale)
+    if expected.advantages.abs().max() < torch.finfo(torch.float32).max:  # not so with "none" at 1e39
+        assert torch.isfinite(out.advantages).all()
+        assert relative_error(out.advantages, expected.advantages) < 1e-6
+    if scale == "group" and magnitude > 1:  # (±1, 0, 0) / sample std sqrt(2/3): eps does not count
+        assert torch.allclose(out.advantages[:2].cpu(), torch.tensor([1.2247449, -1.2247449]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(success_threshold=float("nan")), "success_threshold"),
+    (dict(success_threshold=True), "success_threshold"),
+    (dict(eps=float("inf")), "eps"),
+    (dict(group_size=True), "group_size"),
+])
+def test_bad_settings_raise_naming_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        group_advantages(torch.ones(4), **{"group_size": 2, **kwargs})
