@@ -71,8 +71,14 @@ def check_same_device(**tensors):
 
 
 def check_temperature(temperature):
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an integer token id (default -100), got {ignore_index!r}")
 
 
 def check_linear_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias"):
@@ -82,6 +88,9 @@ def check_linear_head(hidden, weight, bias, hidden_name="hidden", weight_name="w
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{hidden_name} {tuple(hidden.shape)} must end in the hidden size of {weight_name} "
                          f"{tuple(weight.shape)} ([V, D]: D = {weight.shape[1]})")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{weight_name} {tuple(weight.shape)} must have a vocabulary and a hidden size of at least 1 "
+                         "([V, D]: V >= 1, D >= 1)")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share a dtype")
     if bias is not None:

@@ -7,7 +7,14 @@ from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, score
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep
 from dypo_kernels.tokens import positions_of
-from dypo_kernels.validation import Checks, check_linear_head, check_same_device, check_targets, check_temperature
+from dypo_kernels.validation import (
+    Checks,
+    check_ignore_index,
+    check_linear_head,
+    check_same_device,
+    check_targets,
+    check_temperature,
+)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -81,6 +88,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     check_linear_head(hidden, weight, bias)
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     check_temperature(temperature)
+    check_ignore_index(ignore_index)
     checks = Checks()
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, checks=checks)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -14,7 +14,8 @@ Returns each row's divergence summed over the vocabulary and its gradient with r
 
 A = log P (reverse, mixture), sum_i w_i log p_i (reverse, mean), log M with M = beta P + (1 - beta) q (jsd, mixture;
 one M_i = beta p_i + (1 - beta) q per teacher for mean, A = sum_i w_i log M_i). jsd with beta = 0 or 1 is the
-forward or reverse KL (Liger-Kernel's convention). Terms with a zero probability factor are 0 (0 log 0 = 0).
+forward or reverse KL (Liger-Kernel's convention). Terms with a zero probability factor are 0 (0 log 0 = 0); a row
+with a non-finite logit (student or teacher) has a NaN value and gradient.
 """
 
 import math
@@ -35,8 +36,8 @@ def resolve(divergence, jsd_beta):
 
 
 def _plogp_ratio(p, log_p, log_other):
-    """sum_v p (log p - log other), 0 where p = 0."""
-    return torch.where(p > 0, p * (log_p - log_other), 0.0).sum(-1)
+    """sum_v p (log p - log other), 0 where p = 0 (a NaN p, from a non-finite logit, stays NaN)."""
+    return torch.where(p == 0, 0.0, p * (log_p - log_other)).sum(-1)
 
 
 def log_softmax_(logits):
@@ -94,5 +95,5 @@ def divergence_pass(student, teachers, coefs, divergence, jsd_beta, aggregate):
         scale = 1 - beta
     kl = _plogp_ratio(q, log_q, target)
     gradient = log_q.sub_(target).sub_(kl[:, None]).mul_(q)  # q (log q - A - K), in the student's buffer
-    gradient = torch.where(q > 0, gradient, 0.0) if scale == 1.0 else torch.where(q > 0, gradient * scale, 0.0)
+    gradient = torch.where(q == 0, 0.0, gradient if scale == 1.0 else gradient * scale)
     return value + scale * kl, gradient

@@ -47,9 +47,9 @@ def _log_add_exp(a, b):
 
 @triton.jit
 def _p_log_ratio(log_p, log_other):
-    """p (log p - log other), 0 where p = 0."""
+    """p (log p - log other), 0 where p = 0 (NaN stays NaN)."""
     p = tl.exp(log_p)
-    return tl.where(p > 0.0, p * (log_p - log_other), 0.0)
+    return tl.where(p == 0.0, 0.0, p * (log_p - log_other))
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _divergence_kernel(p_student, p_teachers, p_coefs, p_teacher_lse, p_value, p
         if DIVERGENCE == 0:
             gradient = q - tl.exp(log_mix)
         else:
-            gradient = scale * tl.where(q > 0.0, q * (log_q - target - row_kl), 0.0)
+            gradient = scale * tl.where(q == 0.0, 0.0, q * (log_q - target - row_kl))
         gradient = gradient * grad_scale
         gradient = tl.where(tl.abs(gradient) < 1.1754943508222875e-38, 0.0, gradient)  # no subnormal for the products
         tl.store(p_out_row + o_v, gradient.to(p_out.dtype.element_ty), mask=m_v)

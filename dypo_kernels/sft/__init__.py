@@ -7,7 +7,9 @@ from dypo_kernels.tokens import select_tokens
 from dypo_kernels.validation import (
     Checks,
     check_choice,
+    check_ignore_index,
     check_linear_head,
+    check_mask_values,
     check_same_device,
     check_targets,
     check_temperature,
@@ -59,10 +61,12 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask)
     check_choice("reduction", reduction, REDUCTIONS)
     check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    checks = Checks()
+    check_mask_values(mask, checks)
     valid = targets != ignore_index
     if mask is not None:
         valid &= mask.bool()
-    checks = Checks()
     check_targets(targets.masked_fill(~valid, 0), targets.shape, weight.shape[0], None, checks=checks)
     tokens = checks.count(valid.sum())
     checks.run()

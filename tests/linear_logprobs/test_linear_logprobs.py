@@ -134,6 +134,10 @@ def test_minus_infinity_bias_gives_zero_probability_not_nan(backend):
     (lambda h, w, y: fused_linear_logprobs(h, w[0], y), "weight"),
     (lambda h, w, y: fused_linear_logprobs(h, w, y, bias=torch.zeros(3)), "bias"),
     (lambda h, w, y: fused_linear_logprobs(h, w, y.to("meta")), "device"),
+    (lambda h, w, y: fused_linear_logprobs(h, w, y, temperature=True), "temperature"),
+    (lambda h, w, y: fused_linear_logprobs(h, w, y, ignore_index=None), "ignore_index"),
+    (lambda h, w, y: fused_linear_logprobs(h[:, :0], w[:, :0], y), "D >= 1"),
+    (lambda h, w, y: fused_linear_logprobs(h, w[:0], y), "V >= 1"),
 ])
 def test_bad_input_raises_naming_the_argument(call, match):
     hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))

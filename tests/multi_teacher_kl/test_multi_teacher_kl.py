@@ -175,3 +175,20 @@ def test_bad_input_raises_naming_the_argument(changes, match):
     kwargs.update(changes)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_multi_teacher_kl(**kwargs)
+
+
+@pytest.mark.parametrize("divergence,aggregate", [("forward_kl", "mixture"), ("forward_kl", "mean"),
+                                                  ("reverse_kl", "mixture"), ("jsd", "mean")])
+@pytest.mark.parametrize("where", ["one teacher row", "a whole teacher", "one student row"])
+def test_a_non_finite_row_gives_a_non_finite_loss(backend, divergence, aggregate, where):
+    """The loss and its gradient agree: a NaN input row is a NaN loss, not a finite loss with NaN gradients."""
+    student, teachers, _ = distillation_batch(backend, 2)
+    if where == "one teacher row":
+        teachers["teacher_hiddens"][1][1, 2, 0] = float("nan")
+    elif where == "a whole teacher":
+        teachers["teacher_hiddens"][0].fill_(float("nan"))
+    else:
+        student["student_hidden"].data[0, 1, 3] = float("nan")
+    loss = fused_multi_teacher_kl(**student, **teachers, divergence=divergence, aggregate=aggregate)
+    assert torch.isnan(loss)
+    assert torch.isnan(torch.autograd.grad(loss, student["student_hidden"])[0]).any()

@@ -59,6 +59,9 @@ def test_one_sequence_and_no_valid_token(backend):
     (dict(mask=torch.ones(2, 3)), "mask"),
     (dict(temperature=-1.0), "temperature"),
     (dict(ignore_index=-1), "targets"),  # -100 is then an out-of-range id
+    (dict(ignore_index=None), "ignore_index"),
+    (dict(mask=torch.full((2, 4), 0.5)), "mask"),
+    (dict(temperature=True), "temperature"),
 ])
 def test_bad_input_raises_naming_the_argument(kwargs, match):
     targets = torch.randint(0, 10, (2, 4))
