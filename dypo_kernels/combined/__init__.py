@@ -5,6 +5,7 @@ from typing import NamedTuple
 import torch
 
 from dypo_kernels.advantages import grouped_advantages
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal import sequence_logprobs
 from dypo_kernels.gal.terms import (
@@ -126,6 +127,7 @@ def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals
     return torch.where(token_in_part, weights, 0.0), rank
 
 
+@follows_autocast("hidden", "weight", "bias")
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, batch_totals=None,

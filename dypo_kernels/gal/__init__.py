@@ -3,6 +3,7 @@ from hidden states."""
 
 import torch
 
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
 from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_chunks, gal_layout, plan_gal, sweep_ahead
@@ -99,6 +100,7 @@ def sequence_logprobs(token_logps, mask, average):
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
+@follows_autocast("hidden", "weight", "bias")
 def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_index=None, mask=None, ref_logps=None,
                    ref_seq_logps=None, beta=1.0, average_log_prob=False, bias=None, temperature=1.0,
                    return_metrics=False, impl=None, chunk_bytes=None):

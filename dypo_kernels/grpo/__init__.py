@@ -2,6 +2,7 @@
 
 import torch
 
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
@@ -41,6 +42,7 @@ def policy_metrics(op_pass, tokens=None):
     return metrics
 
 
+@follows_autocast("hidden", "weight", "bias")
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
                     use_bias_correction_kl=False, return_metrics=False, impl=None, chunk_bytes=None):

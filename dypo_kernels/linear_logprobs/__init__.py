@@ -3,6 +3,7 @@
 import torch
 from torch.autograd.function import once_differentiable
 
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, score
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep
@@ -41,13 +42,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
         op_pass = LogprobPass(targets, inv_temperature, backend, lse=lse, entropy=entropy,
                               grad_logp=torch.zeros_like(lse) if grad_logp is None else grad_logp.float(),
                               grad_entropy=None if grad_entropy is None else grad_entropy.float())
-        grads = sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
-                      needs_input_grad=needs, impl=impl)
+        with torch.autocast(hidden.device.type, enabled=False):  # a backward called inside autocast
+            grads = sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
+                          needs_input_grad=needs, impl=impl)
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
+@follows_autocast("hidden", "weight", "bias")
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, impl=None, chunk_bytes=None):
     """Log-probabilities of ``targets`` under softmax((hidden @ weight.T + bias) / temperature), never building

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from dypo_kernels import vocab_pass
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
@@ -156,6 +157,8 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
     return biases, check_teacher_coefs(teacher_coefs, count)
 
 
+@follows_autocast("student_hidden", "student_weight", "student_bias", "teacher_hiddens", "teacher_weights",
+                  "teacher_biases")
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,
                            teacher_coefs=None, divergence="forward_kl", jsd_beta=0.5, aggregate="mixture",
                            temperature=1.0, scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,

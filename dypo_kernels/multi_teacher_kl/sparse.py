@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import torch
 
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists, kept_rows
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
@@ -130,6 +131,7 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
     return check_teacher_coefs(teacher_coefs, count)
 
 
+@follows_autocast("student_hidden", "student_weight", "student_bias")
 def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
                             teacher_coefs=None, tail="bucket", temperature=1.0, student_bias=None,
                             return_metrics=False, impl=None, chunk_bytes=None):

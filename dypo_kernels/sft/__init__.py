@@ -1,5 +1,6 @@
 """fused_sft_loss: the negative log-likelihood of teacher trajectories from hidden states, in one sweep."""
 
+from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
@@ -28,6 +29,7 @@ def sft_weights(reduction, valid, sequence):
     return 1.0 / (lengths[sequence].float() * (lengths > 0).sum().clamp(min=1))
 
 
+@follows_autocast("hidden", "weight", "bias")
 def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction="token_mean", bias=None,
                    temperature=1.0, impl=None, chunk_bytes=None):
     """Negative log-likelihood of teacher trajectories (DYPO paper eq. 5), never building the logits:
