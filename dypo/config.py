@@ -154,6 +154,14 @@ def _check(config: Config, fail):
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):
         fail(f"reward must look like module:function; got {config.reward!r}")
+    if config.train_batch_size > config.max_steps * config.prompts_per_step:
+        fail(f"train_batch_size ({config.train_batch_size}) is more than max_steps x prompts_per_step "
+             f"({config.max_steps} x {config.prompts_per_step}): no update could ever fire")
+    from dypo.policy import TINY_HEADS
+
+    if not config.model and config.hidden_size % (2 * TINY_HEADS):
+        fail(f"hidden_size must be a multiple of {2 * TINY_HEADS} for the embedded model ({TINY_HEADS} attention "
+             f"heads, each of an even size for rotary positions); got {config.hidden_size}")
     if config.eval_data and not config.data:
         fail("eval_data needs data (the built-in task draws its own evaluation prompts)")
     valid_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -187,7 +195,7 @@ def _typed(field, value, source, fail):
 def parse_config(argv, description=None):
     """(Config, resume run directory or None, --overwrite_output_dir) from the defaults, then ``--resume``'s saved
     config or a YAML file (``--config``), then ``--key value`` options."""
-    parser = OneLineParser(prog="python -m dypo.train", description=description,
+    parser = OneLineParser(prog="python -m dypo.train", description=description, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (its keys: the options below, without --)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
@@ -211,7 +219,7 @@ def parse_config(argv, description=None):
         if not saved.is_file():
             parser.error(f"--resume {resume}: no run directory there (missing {saved})")
         try:
-            loaded = json.loads(saved.read_text())
+            loaded = json.loads(saved.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             parser.error(f"--resume {resume}: cannot read {saved}: {exc}")
         source = str(saved)
@@ -219,7 +227,10 @@ def parse_config(argv, description=None):
         import yaml
 
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            loaded = yaml.safe_load(Path(config_file).read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            parser.error(f"cannot read --config {config_file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                         f"at offset {exc.start})")
         except (OSError, yaml.YAMLError) as exc:
             parser.error(f"cannot read --config {config_file}: {exc}".replace("\n", " "))
         source = config_file

@@ -29,14 +29,22 @@ def _records(path: Path, option: str):
         raise DataError(f"{option} {path}: no such file")
     if path.suffix in (".jsonl", ".json"):
         records = []
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except ValueError as exc:
-                    raise DataError(f"{option} {path}: line {number} is not JSON ({exc})") from None
+        try:
+            with open(path, "rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise DataError(f"{option} {path}: line {number} is not UTF-8 text (byte "
+                                        f"0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+                    if not line.strip():
+                        continue
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as exc:
+                        raise DataError(f"{option} {path}: line {number} is not JSON ({exc})") from None
+        except OSError as exc:
+            raise DataError(f"{option} {path}: cannot be read ({exc.strerror or exc})") from None
         return records
     if path.suffix == ".parquet":
         try:
@@ -128,16 +136,18 @@ def load_data(config):
     return training, [problems[i] for i in order[:config.eval_prompts]]
 
 
-def check_encodable(codec, problems):
+def check_encodable(codec, problems) -> int:
     """Every prompt and teacher solution through the tokenizer before any training, so that a bad record is an
-    error up front rather than mid-run."""
+    error up front rather than mid-run. Returns the longest prompt's length in tokens."""
+    longest = 0
     for problem in problems:
         try:
-            codec.prompt_ids(problem.prompt)
+            longest = max(longest, len(codec.prompt_ids(problem.prompt)))
             for solution in problem.teacher_solutions:
                 codec.solution_ids(solution)
         except Exception as exc:  # tokenizers and chat templates raise many unrelated types
             raise DataError(f"{problem.source or 'a prompt'}: cannot be tokenized ({exc})") from None
+    return longest
 
 
 class ProblemSource:

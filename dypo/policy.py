@@ -114,12 +114,18 @@ def resolve_runtime(config, device=None) -> Runtime:
     return Runtime(device, torch.bfloat16 if bf16 else None, attention, config.use_liger_kernel == "true")
 
 
+# the embedded Qwen2: its hidden size splits into TINY_HEADS heads, each of an even size (rotary positions rotate
+# pairs of channels), so --hidden_size must be a multiple of 2 * TINY_HEADS (config.py checks it)
+TINY_HEADS, TINY_KV_HEADS, TINY_POSITIONS = 4, 2, 64
+
+
 def _tiny_model(config, vocab_size, attention):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model_config = Qwen2Config(vocab_size=vocab_size, hidden_size=config.hidden_size,
                                intermediate_size=2 * config.hidden_size, num_hidden_layers=config.num_layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_KV_HEADS,
+                               max_position_embeddings=TINY_POSITIONS,
                                tie_word_embeddings=False, pad_token_id=task.PAD, bos_token_id=task.BOS,
                                eos_token_id=task.EOS, attn_implementation=attention)
     return Qwen2ForCausalLM(model_config)
@@ -156,6 +162,27 @@ def check_head(model, directory, runtime):
     if not torch.allclose(logits, projected, rtol=1e-3, atol=1e-3 * (1 + projected.abs().max().item())):
         raise ModelError(f"--model {directory}: its logits are not lm_head(last hidden state) (a scaled or "
                          "soft-capped output head?); the fused losses do not support it")
+
+
+def check_positions(model, longest_prompt: int, max_new_tokens: int, directory=""):
+    """The longest prompt plus max_new_tokens against the model's max_position_embeddings, once at start: a
+    ModelError for learned absolute positions (an embedding table with that many rows, as GPT-2's wpe: there is no
+    row for a later position), else a warning to print (rotary positions, as Qwen2's or Llama's, go on past it,
+    untrained there), or None when everything fits."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    needed = longest_prompt + max_new_tokens
+    if not isinstance(limit, int) or needed <= limit:
+        return None
+    tokens = model.get_input_embeddings()
+    learned = any(isinstance(module, torch.nn.Embedding) and module is not tokens and
+                  limit <= module.num_embeddings <= limit + 2 for module in model.modules())  # OPT's: limit + 2
+    which = f"--model {directory}" if directory else "the embedded model"
+    text = (f"the longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) = {needed} positions, "
+            f"more than {which}'s max_position_embeddings ({limit})")
+    if learned:
+        raise ModelError(f"{text}: its learned position embeddings end there; lower --max_new_tokens or shorten the "
+                         "prompts")
+    return f"{text}: positions past it were never trained"
 
 
 def _apply_liger(model, runtime, config):

@@ -87,10 +87,21 @@ def load_reward(spec: str):
     return function
 
 
+def _name(reward_function) -> str:
+    module, name = getattr(reward_function, "__module__", None), getattr(reward_function, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(reward_function)
+
+
 def score(reward_function, prompts, completions, answers):
-    """The reward function's floats for the completions, checked: one finite real number per completion."""
-    name = getattr(reward_function, "__name__", "reward")
-    values = reward_function(prompts, completions, ground_truth=answers)
+    """The reward function's floats for the completions, checked: one finite real number per completion. A
+    function that raises is a RewardError naming it and the exception's first line."""
+    name = _name(reward_function)
+    try:
+        values = reward_function(prompts, completions, ground_truth=answers)
+    except Exception as exc:
+        line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RewardError(f"reward function {name} raised {type(exc).__name__}{': ' + line if line else ''}"
+                          ) from None
     try:
         values = list(values)
     except TypeError:
@@ -102,3 +113,15 @@ def score(reward_function, prompts, completions, answers):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise RewardError(f"reward function {name} must return finite floats; got {value!r}")
     return [float(value) for value in values]
+
+
+def probe_reward(reward_function, problems, count=2):
+    """The reward function called once, before the run writes anything, on the teacher solutions of the first
+    ``count`` problems as completions, and its values checked as ``score`` checks them: a function that raises or
+    returns the wrong number of values is an error up front, not after the first step."""
+    problems = list(problems)[:count]
+    prompts = [p.prompt for p in problems for _ in p.teacher_solutions]
+    completions = [solution for p in problems for solution in p.teacher_solutions]
+    answers = [p.answer for p in problems for _ in p.teacher_solutions]
+    if completions:
+        score(reward_function, prompts, completions, answers)

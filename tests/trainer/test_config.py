@@ -64,6 +64,12 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
     (["--vllm_gpu_memory_utilization", "1.5"], "vllm_gpu_memory_utilization must lie in (0, 1]"),
     (["--vllm_max_model_length", "-1"], "vllm_max_model_length must be >= 0"),
     (["--use_vllm", "true", "--temperature", "3"], "temperature must lie in [0.01, 2] with use_vllm true"),
+    (["--hidden_size", "3"], "hidden_size must be a multiple of 8 for the embedded model (4 attention heads, each "
+                             "of an even size for rotary positions); got 3"),
+    (["--hidden_size", "12"], "hidden_size must be a multiple of 8"),
+    (["--max_step", "3"], "unrecognized arguments: --max_step 3"),  # no prefix matching: not --max_steps
+    (["--max_steps", "2", "--prompts_per_step", "4", "--train_batch_size", "9"],
+     "train_batch_size (9) is more than max_steps x prompts_per_step (2 x 4): no update could ever fire"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
