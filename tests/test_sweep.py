@@ -1,24 +1,16 @@
 """The sweep engine (dypo_kernels/sweep.py) across every op: chunk planning, FLOP counted from the matrix products
 actually dispatched, bitwise determinism, both implementations agreeing, and the impl / chunk_bytes keywords."""
 
+import functools
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dypo_kernels import (
-    Route,
-    dypo_loss,
-    fused_gal_loss,
-    fused_grpo_loss,
-    fused_linear_logprobs,
-    fused_multi_teacher_kl,
-    fused_sft_loss,
-    fused_sparse_teacher_kl,
-)
+from dypo_kernels import Route, fused_linear_logprobs, fused_sft_loss, fused_sparse_teacher_kl
 from dypo_kernels.sweep import Chunk, whole_group_chunks
-from tests.batches import gradients, sequence_batch
+from tests.batches import OP_SIZES, OPS, gradients, op_inputs
 
 
 @pytest.mark.parametrize("tokens,sequences,capacity,free_tokens,expected", [
@@ -35,40 +27,18 @@ def test_chunks_hold_whole_groups_then_free_tokens(tokens, sequences, capacity, 
     assert whole_group_chunks(tokens, sequences, capacity, free_tokens) == [Chunk(*c) for c in expected]
 
 
-B, T, D, V, D_TEACHER = 4, 6, 16, 50, 12
-
-
-def _inputs(device):
-    batch = sequence_batch(B, T, D, V, device=device, bias=False)
-    generator = batch["generator"]
-    teacher = dict(teacher_hiddens=[torch.randn(B, T, D_TEACHER, generator=generator).to(device)],
-                   teacher_weights=[torch.randn(V, D_TEACHER, generator=generator).to(device)])
-    topk = torch.log_softmax(torch.randn(B, T, V, generator=generator), -1).topk(5, -1)
-    return batch, teacher, (topk.indices.to(device), topk.values.to(device))
+B, T, D, V, D_TEACHER = OP_SIZES
 
 
 def every_op(device):
-    """name -> (loss closure, kept tokens, extra product FLOP per kept token beyond the student's head)."""
-    batch, teacher, (ids, logps) = _inputs(device)
-    args = (batch["hidden"], batch["weight"], batch["targets"])
-    mask = batch["mask"]
-    tokens = int(mask.sum())
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).to(device)
-    route = torch.tensor([int(Route.RL), int(Route.RL), int(Route.SFT), int(Route.SFT)]).to(device)
-    return {
-        "logprobs": (lambda: fused_linear_logprobs(*args).sum(), tokens, 0),  # targets are -100 off the mask
-        "grpo": (lambda: fused_grpo_loss(*args, torch.tensor([1.0, -1.0, 0.5, 0.2]).to(device), mask=mask),
-                 tokens, 0),
-        "sft": (lambda: fused_sft_loss(*args, mask=mask), tokens, 0),
-        "gal": (lambda: fused_gal_loss(*args, rewards, group_size=2, mask=mask), tokens, 0),
-        "dypo": (lambda: dypo_loss(*args, mask=mask, route=route, rewards=rewards,
-                                   group_index=torch.tensor([0, 0, 1, 1]).to(device)),
-                 int(mask[:2].sum()) + int(mask[2:].sum()), 0),
-        "kl": (lambda: fused_multi_teacher_kl(batch["hidden"], batch["weight"], **teacher, mask=mask), tokens,
-               2 * D_TEACHER * V),
-        "sparse_kl": (lambda: fused_sparse_teacher_kl(batch["hidden"], batch["weight"], [ids], [logps], mask=mask),
-                      tokens, 0),
-    }, batch
+    """(name -> (loss closure, kept tokens, extra product FLOP per kept token beyond the student's head), the
+    operands)."""
+    operands, data = op_inputs(device)
+    tokens = int(data["mask"].sum())
+    with_pairs = (data["group_index"] == 0) | (data["group_index"] == 2)  # GAL: groups 1 and 3 have no pair
+    counted = {"dypo": int(data["mask"][data["route"] != Route.SKIP].sum()), "gal": int(data["mask"][with_pairs].sum())}
+    return {name: (functools.partial(call, operands, data), counted.get(name, tokens),
+                   2 * D_TEACHER * V if name == "kl" else 0) for name, call in OPS.items()}, operands
 
 
 class ProductFlop(TorchDispatchMode):
@@ -88,7 +58,7 @@ class ProductFlop(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op", ["logprobs", "grpo", "sft", "gal", "dypo", "kl", "sparse_kl"])
+@pytest.mark.parametrize("op", list(OPS))
 def test_flop_of_every_op(backend, request, op):
     """Losses 6NDV (their gradients formed in the forward), scoring under no_grad 2NDV, fused_linear_logprobs
     with autograd 8NDV; the KL adds its teachers' projections. Counted where the products run as torch products
@@ -111,7 +81,7 @@ def test_flop_of_every_op(backend, request, op):
     assert scoring.flop == tokens * (head + teacher_flop)
 
 
-@pytest.mark.parametrize("op", ["logprobs", "grpo", "sft", "gal", "dypo", "kl", "sparse_kl"])
+@pytest.mark.parametrize("op", list(OPS))
 def test_chunked_is_bitwise_deterministic(backend, request, op):
     if request.node.impl_name != "chunked":
         pytest.skip("the fused impl adds its tiles with atomics: not deterministic on a GPU")
@@ -137,16 +107,26 @@ def test_chunked_and_fused_agree(backend, request, op, monkeypatch):
         assert torch.allclose(chunked, fused, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_double_backward_is_an_error(op):
+    """The backward is not itself differentiable: a second-order gradient raises instead of coming out wrong (the
+    message depends on whether the upstream gradient requires grad)."""
+    ops, operands = every_op("cpu")
+    grad_weight, = torch.autograd.grad(ops[op][0](), operands["weight"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_weight.pow(2).sum().backward()
+
+
 def test_impl_and_chunk_bytes_are_checked(monkeypatch):
-    batch, _, _ = _inputs("cpu")
-    args = (batch["hidden"], batch["weight"], batch["targets"])
+    operands, data = op_inputs("cpu")
+    args = (operands["hidden"], operands["weight"], data["targets"])
     monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
     with pytest.raises(ValueError, match="impl must be one of 'chunked', 'fused'"):
         fused_linear_logprobs(*args, impl="tiles")
     with pytest.raises(ValueError, match="impl='fused'.*CUDA"):
         fused_sft_loss(*args, impl="fused")
     with pytest.raises(ValueError, match="no register-tile implementation"):
-        fused_sparse_teacher_kl(batch["hidden"], batch["weight"], [torch.zeros(B, T, 1, dtype=torch.long)],
+        fused_sparse_teacher_kl(*args[:2], [torch.zeros(B, T, 1, dtype=torch.long)],
                                 [torch.zeros(B, T, 1)], impl="fused")
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="chunk_bytes"):
@@ -165,13 +145,13 @@ def test_chunk_bytes_bounds_the_chunk(monkeypatch):
     from dypo_kernels import sweep
 
     monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
-    batch, _, _ = _inputs("cpu")
+    operands, data = op_inputs("cpu")
     seen = []
     chunk_logits = sweep.chunk_logits
     monkeypatch.setattr(sweep, "chunk_logits", lambda hidden, *a, **k: seen.append(hidden.shape[0]) or
                         chunk_logits(hidden, *a, **k))
-    fused_sft_loss(batch["hidden"], batch["weight"], batch["targets"], chunk_bytes=5 * 12 * V)
-    assert max(seen) == 5 and sum(seen) == int((batch["targets"] != -100).sum()) > 5
+    fused_sft_loss(operands["hidden"], operands["weight"], data["targets"], chunk_bytes=5 * 12 * V)
+    assert max(seen) == 5 and sum(seen) == int((data["targets"] != -100).sum()) > 5
 
 
 class HostSyncs(TorchDispatchMode):
@@ -202,7 +182,7 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# forward + backward of each op at B 4, 2 groups: the one read of its checks and counts, plus GAL's chunk plan
+# forward + backward of each op at B 10, 4 groups: the one read of its checks and counts, plus GAL's chunk plan
 HOST_SYNCS = {"logprobs": 1, "grpo": 1, "sft": 1, "gal": 2, "dypo": 2, "kl": 1, "sparse_kl": 1}
 
 
