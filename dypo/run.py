@@ -14,6 +14,7 @@ RUN_DIR continues from the last one). Under torchrun the same run is sharded wit
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -24,52 +25,133 @@ from typing import Optional
 
 from dypo import checkpoint, distributed, plots, policy
 from dypo.config import Config, parse_config
-from dypo.data import DataError, check_encodable, load_data
-from dypo.rewards import RewardError, load_reward
+from dypo.data import DataError, Problem, check_encodable, load_data
+from dypo.rewards import RewardError, load_reward, probe_reward
 from dypo.trainer import Trainer
+
+LOCK = ".lock"  # RUN_DIR/.lock: held (flock) by the run writing there, holds its pid, removed when it ends
 
 
 def main(argv=None):
     config, resume, overwrite = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
     out = Path(config.output_dir)
-    if resume is None and not overwrite and ((out / "config.json").exists() or any(out.glob("checkpoint-*"))):
-        _fail(f"output_dir {out} holds a run: --resume {out} continues it, --overwrite_output_dir starts afresh")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     for name in ("prompts_per_step", "train_batch_size"):
         if getattr(config, name) % size:
             _fail(f"{name} ({getattr(config, name)}) must be a multiple of the number of processes ({size})")
-    world = distributed.init_world(config.ddp_timeout)
-    finished = False
-    try:
-        summary = _run(config, resume, overwrite, world)
-        finished = True
-        return summary
-    except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
-        _fail(exc)
-    finally:
-        distributed.close(world, finished)
+    # before anything else, --overwrite_output_dir included: no two runs ever write one directory (under torchrun
+    # the main process holds the lock for all of them)
+    with RunLock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        if resume is None and not overwrite and ((out / "config.json").exists() or any(out.glob("checkpoint-*"))):
+            _fail(f"output_dir {out} holds a run: --resume {out} continues it, --overwrite_output_dir starts afresh")
+        world = distributed.init_world(config.ddp_timeout)
+        finished = False
+        try:
+            summary = _run(config, resume, overwrite, world)
+            finished = True
+            return summary
+        except (DataError, RewardError, policy.ModelError, checkpoint.CheckpointError) as exc:
+            _fail(exc)
+        finally:
+            distributed.close(world, finished)
+
+
+class RunLock:
+    """An exclusive lock on the run directory for the whole run: ``fcntl.flock`` on RUN_DIR/.lock, which holds
+    the holder's pid. A second run into the directory (--resume and --overwrite_output_dir included) is a one-line
+    error naming that pid. The kernel releases the lock when its process ends, however it ends, so a stale file
+    left by a killed run locks nothing. On exit the file is removed, and so are the directories this run created
+    when it leaves nothing in them: a run that fails before writing anything leaves no trace."""
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.descriptor, self.created, self.holder = Path(out), Path(out) / LOCK, None, [], ""
+
+    def __enter__(self):
+        out = self.out
+        for place in (out, *out.parents):
+            if place.exists():
+                if place != out and not place.is_dir():
+                    _fail(f"output_dir {out} is below a file ({place}), not a directory")
+                break
+            self.created.append(place)
+        if out.exists() and not out.is_dir():
+            _fail(f"output_dir {out} is a file, not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.descriptor = self._lock()
+        except OSError as exc:  # PermissionError, a read-only file system
+            self._remove_created()
+            _fail(f"output_dir {out} is not writable ({exc.strerror or exc})")
+        if self.descriptor is None:
+            self._remove_created()
+            holder = self.holder
+            _fail(f"output_dir {out} is in use by another run{f' (pid {holder})' if holder else ''}")
+        os.ftruncate(self.descriptor, 0)
+        os.write(self.descriptor, f"{os.getpid()}\n".encode())
+        return self
+
+    def _lock(self):
+        """The locked descriptor, or None when another process holds the lock."""
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                os.close(descriptor)
+                return None
+            except BaseException:
+                os.close(descriptor)
+                raise
+            try:
+                if os.stat(self.path).st_ino == os.fstat(descriptor).st_ino:
+                    return descriptor
+            except FileNotFoundError:
+                pass
+            os.close(descriptor)  # locked a file that the holder removed as it ended: lock the one there now
+
+    def __exit__(self, *exc_info):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: whoever opened this file before sees it gone and retries
+        os.close(self.descriptor)
+        self._remove_created()
+
+    def _remove_created(self):
+        for directory in self.created:  # the deepest first; os.rmdir only removes an empty one
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
 
 
 def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     """The run in its directory: a fresh start or the last checkpoint, then each step's metrics, samples,
-    progress line and checkpoint, and the summary."""
+    progress line and checkpoint, and the summary. Every input (checkpoint, data, reward, model, lengths) is
+    checked before anything in the directory is written."""
     world = world or distributed.World()
-    problems, eval_problems = load_data(config)
-    trainer = Trainer(config, problems, load_reward(config.reward), world)
-    check_encodable(trainer.codec, (problems or []) + eval_problems)
     out = Path(config.output_dir)
+    newest = checkpoint.latest(out) if resume else None
+    if newest and newest[1]["step"] > config.max_steps:
+        raise checkpoint.CheckpointError(
+            f"{out} is already at step {newest[1]['step']} ({newest[0].name}); --max_steps {config.max_steps} would "
+            f"go back (give --max_steps {newest[1]['step']} or more)")
+    problems, eval_problems = load_data(config)
+    reward_function = load_reward(config.reward)
+    probe_reward(reward_function, problems or eval_problems)
+    trainer = Trainer(config, problems, reward_function, world)
+    longest = check_encodable(trainer.codec, (problems or [_longest_builtin(config)]) + eval_problems)
+    warning = policy.check_positions(trainer.model, longest, config.max_new_tokens, config.model)
+    if warning and world.main:
+        _warn(warning)
     if world.main:
         if overwrite:
             _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
     world.barrier()
-    saved = checkpoint.checkpoints(out) if resume else []
-    if saved:
-        state = checkpoint.load_any(saved[-1], trainer.policy, trainer.model, trainer.optimizer, trainer.scheduler,
-                                    world, seed=config.seed)
-        trainer.load_state(state)
+    if newest:
+        state = _load(out, newest[0], trainer, config, world)
         accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
-        _say(world, f"resumed {out} from {saved[-1].name}")
+        _say(world, f"resumed {out} from {newest[0].name}")
     else:
         if resume:
             _say(world, f"{out} has no checkpoint yet: starting from step 0")
@@ -115,6 +197,28 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     return _finish(config, out, history, accuracy_before, accuracy_after, len(eval_problems), trainer)
 
 
+def _load(out, saved, trainer, config, world):
+    """The checkpoint into the trainer; a file found damaged while loading is refused as ``checkpoint.latest``
+    refuses one found by its cheap checks (naming an older checkpoint to go on from)."""
+    name = "trainer_state-rank0.json" if (saved / "world.json").is_file() else "trainer_state.json"
+    try:
+        state = checkpoint.load_any(saved, trainer.policy, trainer.model, trainer.optimizer, trainer.scheduler,
+                                    world, seed=config.seed)
+        try:
+            trainer.load_state(state)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise checkpoint.DamagedCheckpoint(saved, f"{name} does not fit this run ({exc!r})") from None
+    except checkpoint.DamagedCheckpoint as exc:
+        raise checkpoint.CheckpointError(checkpoint.refusal(checkpoint.checkpoints(out), exc)) from None
+    return state
+
+
+def _longest_builtin(config):
+    """The built-in task's longest training prompt (two operands of max_digits digits)."""
+    operand = "9" * config.max_digits
+    return Problem(f"{operand}+{operand}=", "", ["0"])
+
+
 def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts, trainer):
     """summary.json, the plots and the final model (--model), and the summary's lines on stdout."""
     intervals = [history[i:i + config.logging_steps] for i in range(0, len(history), config.logging_steps)]
@@ -137,6 +241,8 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
     if not trainer.world.main:
         return summary
     summary["plots"] = plots.write_plots(history, out, window=config.logging_steps)
+    if not summary["plots"]:
+        _warn("matplotlib is not installed: no plots written (pip install 'dypo-kernels[train]')")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     n = config.logging_steps
     print(f"reward per {n} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")
@@ -144,6 +250,9 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
     print(f"easy share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
     print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({summary['eval_prompts']} greedy prompts); "
           f"run directory: {out}")
+    if not trainer.updates:
+        _warn(f"no update in {trainer.step} steps: the SFT and RL queues never held train_batch_size "
+              f"({config.train_batch_size}) prompts (every prompt easy, or the batch too large for the steps)")
     return summary
 
 
@@ -197,6 +306,10 @@ def _progress(total, initial, enabled=True):
 def _say(world, line):
     if world.main:
         print(line, flush=True)
+
+
+def _warn(message):
+    print(f"python -m dypo.train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _fail(message):

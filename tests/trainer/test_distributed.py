@@ -122,6 +122,23 @@ def test_a_missing_shard_is_a_clear_error(runs, tmp_path, capsys):
     assert exit_info.value.code == 2 and "cannot be loaded (shard files missing: __1_0.distcp)" in error
 
 
+@pytest.mark.parametrize("name,message", [("trainer_state-rank0.json", "is unreadable"),
+                                          ("scheduler.pt", "is unreadable (PytorchStreamReader"),
+                                          ("world.json", "is unreadable")])
+def test_a_damaged_sharded_checkpoint_file_is_named(runs, tmp_path, capsys, name, message):
+    _, pair = runs
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pair, damaged)
+    newest = checkpoint.checkpoints(damaged)[-1]
+    data = (newest / name).read_bytes()
+    (newest / name).write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(damaged)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{newest} is damaged: {name} {message}" in error
+    assert error.strip().endswith("remove that directory to resume from checkpoint-3")
+
+
 def test_a_single_process_checkpoint_is_refused_under_torchrun(runs, capsys):
     single, _ = runs
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

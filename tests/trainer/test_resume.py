@@ -3,6 +3,7 @@ run of the same length (CPU), and its logs hold each step once."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,10 +85,19 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path, capsys):
     assert exit_info.value.code == 2 and "holds another model's weights" in error
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+def test_a_damaged_newest_checkpoint_is_refused_naming_the_one_before(tmp_path, capsys):
+    """Not passed over: going back to checkpoint-2 would cut the logs to step 2 and rotate checkpoint-4 away. The
+    error says how to go back, and nothing of the run directory changes."""
     run = tmp_path / "run"
     main(["--max_steps", "4", "--save_steps", "2", "--eval_prompts", "2", "--output_dir", str(run)])
     os.remove(run / "checkpoint-4" / "rng.pt")
-    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-2"]
+    before = {path: path.read_bytes() if path.is_file() else None for path in sorted(run.rglob("*"))}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(run)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m dypo.train: error: {run}/checkpoint-4 is damaged: rng.pt missing; remove that directory to "
+        "resume from checkpoint-2")
+    assert {path: path.read_bytes() if path.is_file() else None for path in sorted(run.rglob("*"))} == before
+    shutil.rmtree(run / "checkpoint-4")  # as the error says
     summary = main(["--resume", str(run)])
     assert "resumed" in capsys.readouterr().out and summary["steps"] == 4
