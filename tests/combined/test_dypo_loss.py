@@ -257,6 +257,8 @@ def bad_settings():
         (dict(mask=torch.ones(10, 7, dtype=torch.bool)), "mask"),
         (dict(ref_logps=None), "ref_logps"),  # beta_kl > 0 needs them
         (dict(temperature=0), "temperature"),
+        (dict(mask=torch.full((10, 8), 0.5)), "mask"),
+        (dict(old_logps=torch.full((10, 8), float("nan"))), "old_logps"),
     ]
 
 

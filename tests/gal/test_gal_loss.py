@@ -82,7 +82,9 @@ def test_coefficients_equal_autograd_of_the_reference(sizes, seed, beta, binary)
     (dict(rewards=torch.tensor([1.0, float("nan"), 0.0, 1.0])), "rewards"),
     (dict(rewards=torch.ones(4), beta=-1.0), "beta"),
     (dict(rewards=torch.ones(4), ref_seq_logps=torch.zeros(5)), "ref_seq_logps"),
+    (dict(rewards=torch.ones(4), beta=float("inf")), "beta"),
+    (dict(rewards=torch.ones(4), group_size=True), "group_size"),
 ])
 def test_bad_input_raises_naming_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        gal_loss(torch.zeros(4), group_size=2, **kwargs)
+        gal_loss(torch.zeros(4), **{"group_size": 2, **kwargs})

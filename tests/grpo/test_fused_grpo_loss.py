@@ -161,6 +161,11 @@ def bad_calls():
         (call(loss_type="ppo"), "loss_type.*'grpo', 'bnpo', 'dapo', 'dr_grpo'"),
         (call(max_len=0), "max_len"),
         (call(temperature=0.0), "temperature"),
+        (call(temperature=True), "temperature"),
+        (call(mask=torch.full((2, 4), 0.5)), "mask"),
+        (call(mask=torch.full((2, 4), 2)), "mask"),
+        (call(old_logps=torch.full((2, 4), float("nan"))), "old_logps"),
+        (call(ref_logps=torch.full((2, 4), float("inf")), beta=0.1), "ref_logps"),
     ]
 
 

@@ -164,6 +164,8 @@ def bad_calls():
         (dict(aggregate="max"), "aggregate.*'mixture', 'mean'"),
         (dict(temperature=0.0), "temperature"),
         (dict(mask=torch.ones(5)), "mask"),
+        (dict(mask=torch.full((4,), 0.5)), "mask must be bool or hold only 0 and 1"),
+        (dict(temperature=True), "temperature"),
         (dict(student_weight=torch.randn(10, 7)), "student_hidden"),
     ], (h, w, th, tw)
 
