@@ -59,8 +59,8 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         ``GroupAdvantages(advantages [B] fp32, mean [G] fp32, std [G] fp32, num_success [G] int64,
         grade [G] int64)``; compare ``grade`` with ``Grade`` members.
 
-    Cost: O(B) work, one Triton launch on CUDA (plus a sort for ragged groups); one host sync: the input checks,
-    read with the number of groups.
+    Cost: O(B) work, one Triton launch on CUDA (plus a sort for ragged groups; fp64 rewards, whose range exceeds the
+    kernel's fp32, take a few torch ops instead); one host sync: the input checks, read with the number of groups.
     """
     check_tensor("rewards", rewards, dims=(1,))
     if not rewards.is_floating_point():
@@ -79,7 +79,7 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
     if num_groups == 0:
         empty = rewards.new_zeros(0, dtype=torch.float32)
         return GroupAdvantages(empty, empty, empty, empty.long(), empty.long())
-    if select_backend(rewards.device) != "triton":
+    if select_backend(rewards.device) != "triton" or rewards.dtype == torch.float64:  # fp64 may exceed fp32's range
         return GroupAdvantages(*_group_advantages_torch(rewards, ids, num_groups, _batch_scale(rewards), scale, eps,
                                                         success_threshold))
     from dypo_kernels.advantages import triton_kernels
@@ -92,11 +92,9 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
         sizes = torch.zeros(num_groups, dtype=torch.long, device=rewards.device).index_add_(0, ids,
                                                                                             torch.ones_like(ids))
         offsets = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
-    batch_std, batch_magnitude = _batch_scale(rewards)
     return GroupAdvantages(*triton_kernels.group_advantages(
-        _exact(rewards).contiguous(), order, offsets, torch.stack([batch_std.to(batch_magnitude.dtype),
-                                                                   batch_magnitude]),
-        num_groups, scale, float(eps), float(success_threshold)))
+        rewards.float().contiguous(), order, offsets, torch.stack(_batch_scale(rewards)), num_groups, scale,
+        float(eps), float(success_threshold)))
 
 
 def _exact(rewards):

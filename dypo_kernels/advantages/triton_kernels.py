@@ -18,7 +18,7 @@ def _group_advantages_kernel(p_rewards, p_order, p_offsets, p_batch, p_advantage
     start = tl.load(p_offsets + i_g)
     end = tl.load(p_offsets + i_g + 1)
     count = (end - start).to(tl.float32)
-    b_magnitude = tl.zeros([BLOCK], dtype=p_rewards.dtype.element_ty)
+    b_magnitude = tl.zeros([BLOCK], dtype=tl.float32)
     b_success = tl.zeros([BLOCK], dtype=tl.int32)
     for i_start in range(start, end, BLOCK):
         o_row = i_start + tl.arange(0, BLOCK)
@@ -67,9 +67,9 @@ def _group_advantages_kernel(p_rewards, p_order, p_offsets, p_batch, p_advantage
 
 
 def group_advantages(rewards, order, offsets, batch, num_groups, scale, eps, success_threshold):
-    """rewards [B] fp32 or fp64; order [B] int64, the rows sorted by group; offsets [G + 1] int64, where each group
-    starts in ``order``; batch [2] of the rewards' dtype: the batch's std in units of its magnitude, and the
-    magnitude (read for scale="batch" only). Returns the GroupAdvantages fields."""
+    """rewards [B] fp32; order [B] int64, the rows sorted by group; offsets [G + 1] int64, where each group starts in
+    ``order``; batch [2] fp32: the batch's std in units of its magnitude, and the magnitude (read for scale="batch"
+    only). Returns the GroupAdvantages fields."""
     import torch
 
     device = rewards.device
@@ -82,12 +82,8 @@ def group_advantages(rewards, order, offsets, batch, num_groups, scale, eps, suc
 
 
 def aot_specs():
-    specs = []
-    for dtype in ("fp32", "fp64"):
-        signature = {"p_rewards": f"*{dtype}", "p_order": "*i64", "p_offsets": "*i64", "p_batch": f"*{dtype}",
-                     "p_advantages": "*fp32", "p_mean": "*fp32", "p_std": "*fp32", "p_num_success": "*i64",
-                     "p_grade": "*i64", "eps": "fp32", "success_threshold": "fp32"}
-        specs += [(f"group_advantages[{name},{dtype}]", _group_advantages_kernel, signature,
-                   {"SCALE": value, "BLOCK": BLOCK}, {"num_warps": 4, "num_stages": 1})
-                  for name, value in SCALES.items()]
-    return specs
+    signature = {"p_rewards": "*fp32", "p_order": "*i64", "p_offsets": "*i64", "p_batch": "*fp32",
+                 "p_advantages": "*fp32", "p_mean": "*fp32", "p_std": "*fp32", "p_num_success": "*i64",
+                 "p_grade": "*i64", "eps": "fp32", "success_threshold": "fp32"}
+    return [(f"group_advantages[{name}]", _group_advantages_kernel, signature, {"SCALE": value, "BLOCK": BLOCK},
+             {"num_warps": 4, "num_stages": 1}) for name, value in SCALES.items()]
