@@ -1,6 +1,7 @@
 """LogprobPass: the vocabulary pass of every log-prob op (fused_linear_logprobs, GRPO, SFT, GAL, dypo_loss) in the
 sweep engine, and TokenTerms, the one copy of the losses' per-token math (docs/design.md, "The sweep engine")."""
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Optional
 
@@ -13,16 +14,27 @@ if TYPE_CHECKING:
     from dypo_kernels.gal.terms import GalTerms
 
 
+OBJECTIVES = ("clip", "cispo", "sapo")
+
+
 @dataclass
 class TokenTerms:
     """Per-token constants of a loss, fp32 ``[N]`` over the kept tokens (None: the term is absent).
 
-    L_t = pg_weight_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)     (GRPO, paper eq. 3 / 21)
+    L_t = pg_weight_t * rho_t * P_t                                                  (the policy term)
         + kl_weight_t * [r_t] * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)             (k3 estimate of the KL)
         - nll_weight_t * lp_t                                                        (SFT, paper eq. 5)
-    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy). The KL
-    term carries r_t with ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger-Kernel's
-    use_bias_correction_kl): its gradient is then kl_weight_t r_t (lp_t - ref_t).
+        - entropy_weight_t * H_t                                                     (entropy bonus)
+    with r_t = exp(lp_t - old_t), or 1 when ``old_logps`` is None (on-policy: the ratio of a detached copy), rho_t
+    the constant ``is_ratio`` (vLLM's truncated importance-sampling correction; 1 when None), and P_t by
+    ``objective``:
+        "clip"   -min(min(r_t, delta) A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)   (GRPO, paper eq. 3 / 21;
+                 delta: INTELLECT-2's two-sided clip, None for none)
+        "cispo"  -sg[min(r_t, eps_high)] A_t lp_t                                      (CISPO, MiniMax-M1)
+        "sapo"   -(4 / tau) sigmoid(tau (r_t - 1)) A_t, tau = sapo_temperatures[0 if A_t > 0 else 1]   (SAPO)
+    as TRL 1.16's GRPOTrainer and Liger-Kernel 0.8.5 define them. The KL term carries r_t with
+    ``kl_importance_weighted`` (DeepSeek-V3.2's unbiased KL gradient, use_bias_correction_kl): its gradient is then
+    kl_weight_t r_t (lp_t - ref_t).
     """
 
     pg_weight: Optional[torch.Tensor] = None
@@ -31,12 +43,18 @@ class TokenTerms:
     kl_weight: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None
     nll_weight: Optional[torch.Tensor] = None
+    entropy_weight: Optional[torch.Tensor] = None
+    is_ratio: Optional[torch.Tensor] = None
     kl_importance_weighted: bool = False
+    objective: str = "clip"
     eps_low: float = 0.2
     eps_high: float = 0.2
+    delta: Optional[float] = None
+    sapo_temperatures: tuple = (1.0, 1.05)
 
-    def evaluate(self, rows, logps):
-        """(L_t, dL_t/dlp_t, diagnostics) for the tokens ``rows``, whose log-probs are ``logps``."""
+    def evaluate(self, rows, logps, entropy):
+        """(L_t, dL_t/dlp_t, dL_t/dH_t or None, diagnostics) for the tokens ``rows``, whose log-probs and entropies
+        are ``logps`` and ``entropy``."""
         value = torch.zeros_like(logps)
         gradient = torch.zeros_like(logps)
         parts = {}
@@ -45,18 +63,14 @@ class TokenTerms:
         else:
             ratio = torch.ones_like(logps)
         if self.pg_weight is not None:
-            weight, advantages = self.pg_weight[rows], self.advantages[rows]
-            clipped_ratio = ratio.clamp(1 - self.eps_low, 1 + self.eps_high)
-            policy_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
-            # the clipped branch is the minimum, and flat, exactly where the ratio left the trust region on the side
-            # the advantage pushes it towards
-            clipped_low = (ratio < 1 - self.eps_low) & (advantages < 0)
-            clipped_high = (ratio > 1 + self.eps_high) & (advantages > 0)
+            advantages = self.advantages[rows]
+            policy_loss, policy_gradient, clipped_low, clipped_high = self._policy(ratio, advantages, logps)
+            weight = self.pg_weight[rows] if self.is_ratio is None else self.pg_weight[rows] * self.is_ratio[rows]
             used = weight != 0  # tokens outside the term add an exact 0, even where their ratio overflows
             value += torch.where(used, weight * policy_loss, 0.0)
-            gradient += torch.where(used & ~(clipped_low | clipped_high), -weight * advantages * ratio, 0.0)
-            parts.update(policy_loss=policy_loss, ratio=ratio, clipped_low=clipped_low.float(),
-                         clipped_high=clipped_high.float())
+            gradient += torch.where(used, weight * policy_gradient, 0.0)
+            parts.update(policy_loss=policy_loss if self.is_ratio is None else policy_loss * self.is_ratio[rows],
+                         ratio=ratio, clipped_low=clipped_low.float(), clipped_high=clipped_high.float())
         if self.kl_weight is not None:
             weight = self.kl_weight[rows]
             log_ref_ratio = self.ref_logps[rows] - logps
@@ -72,7 +86,34 @@ class TokenTerms:
         if self.nll_weight is not None:
             value -= self.nll_weight[rows] * logps
             gradient -= self.nll_weight[rows]
-        return value, gradient, parts
+        gradient_entropy = None
+        if self.entropy_weight is not None:
+            value -= self.entropy_weight[rows] * entropy
+            gradient_entropy = -self.entropy_weight[rows]
+        return value, gradient, gradient_entropy, parts
+
+    def _policy(self, ratio, advantages, logps):
+        """(P_t, dP_t/dlp_t, clipped below, clipped above) of the policy objective; the clip flags mark where the
+        clip stops the gradient on the side the advantage pushes the ratio (none for SAPO)."""
+        none = torch.zeros_like(ratio, dtype=torch.bool)
+        if self.objective == "cispo":
+            weight = ratio.clamp(max=self.eps_high)
+            return -weight * advantages * logps, -weight * advantages, none, (ratio > self.eps_high) & (advantages > 0)
+        if self.objective == "sapo":
+            tau = torch.where(advantages > 0, self.sapo_temperatures[0], self.sapo_temperatures[1])
+            gate = torch.sigmoid(tau * (ratio - 1))
+            return -4 / tau * gate * advantages, -4 * gate * (1 - gate) * ratio * advantages, none, none
+        low, high = 1 - self.eps_low, 1 + self.eps_high
+        capped = ratio if self.delta is None else ratio.clamp(max=self.delta)
+        unclipped, clipped = capped * advantages, ratio.clamp(low, high) * advantages
+        # d/dlp of each branch (dr/dlp = r), where it is not flat; torch.minimum splits a tie between both branches
+        unclipped_gradient = torch.where(ratio <= (math.inf if self.delta is None else self.delta), ratio, 0.0)
+        clipped_gradient = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
+        slope = torch.where(unclipped < clipped, unclipped_gradient,
+                            torch.where(clipped < unclipped, clipped_gradient,
+                                        (unclipped_gradient + clipped_gradient) / 2))
+        return (-torch.minimum(unclipped, clipped), -slope * advantages, (ratio < low) & (advantages < 0),
+                (ratio > high) & (advantages > 0))
 
 
 def logprob_bytes_per_logit(backend):
@@ -130,15 +171,15 @@ class LogprobPass:
         self.lse[rows], self.logps[rows], self.entropy[rows] = lse, logps, entropy
         if self.terms is None and self.gal is None:
             return None, None
-        gradient = torch.zeros_like(logps)
+        gradient, gradient_entropy = torch.zeros_like(logps), None
         if self.terms is not None:
-            value, gradient, parts = self.terms.evaluate(rows, logps)
+            value, gradient, gradient_entropy, parts = self.terms.evaluate(rows, logps, entropy)
             self.value[rows] = value
             for name, part in parts.items():
                 self.parts.setdefault(name, torch.zeros_like(self.value))[rows] = part
         if self.gal is not None:
             gradient = gradient + self.gal.gradient(chunk, logps)
-        return gradient, None
+        return gradient, gradient_entropy
 
     def chunk(self, chunk, logits, workspace):
         targets = self.targets[chunk.rows]

@@ -84,44 +84,68 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
               eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
-              use_bias_correction_kl=False, dtype=torch.float64):
-    """Clipped GRPO loss (paper eq. 3 / 21) with the k3 KL penalty, on ``[B, T, D]`` hidden states.
+              use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,
+              sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None, dtype=torch.float64):
+    """Clipped GRPO loss (paper eq. 3 / 21) with the k3 KL penalty, its variants and an entropy bonus, on
+    ``[B, T, D]`` hidden states, as TRL 1.16's GRPOTrainer._compute_loss writes them.
 
-    per-token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref - lp) - (ref - lp) - 1),
-    r_t = exp(lp_t - old_lp_t) (old = lp detached when ``old_logps`` is None); with ``use_bias_correction_kl`` the KL
-    term is multiplied by r_t (differentiable). Aggregation: "grpo" mean over each
-    sequence's tokens then over sequences; "bnpo"/"dapo" mean over all tokens; "dr_grpo" sum / (B * max_len).
+    per-token: rho * P + beta * (exp(ref - lp) - (ref - lp) - 1) [* r], r_t = exp(lp_t - old_lp_t) (old = lp
+    detached when ``old_logps`` is None), rho = ``vllm_is_ratio``, P by loss_type: "cispo" -sg[min(r, eps_high)] A lp;
+    "sapo" -sigmoid(tau (r - 1)) 4 / tau A (tau by the sign of A); otherwise -min(min(r, delta) A, clip(r) A).
+    Aggregation: "grpo"/"sapo" mean over each sequence's tokens then over sequences; "bnpo"/"dapo"/"cispo" mean over
+    all tokens (dapo/cispo: over ``num_items_in_batch`` when given); "dr_grpo" sum / (B * max_len); "luspo" sum over
+    each sequence, mean over sequences. Minus entropy_coef times the token entropy, aggregated the same way.
     """
-    token_logps, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
+    token_logps, entropy = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, dtype=dtype)
     return grpo_loss_from_logps(token_logps, advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                                 beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=max_len,
-                                use_bias_correction_kl=use_bias_correction_kl)
+                                use_bias_correction_kl=use_bias_correction_kl, entropy=entropy,
+                                entropy_coef=entropy_coef, delta=delta,
+                                sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
+                                vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch)
 
 
 def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
-                         eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, use_bias_correction_kl=False):
-    """grpo_loss on token log-probs ``[B, T]`` (differentiable) already computed, in their dtype."""
+                         eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, use_bias_correction_kl=False,
+                         entropy=None, entropy_coef=0.0, delta=None, sapo_temperatures=(1.0, 1.05),
+                         vllm_is_ratio=None, num_items_in_batch=None):
+    """grpo_loss on token log-probs (and entropies) ``[B, T]`` (differentiable) already computed, in their dtype."""
     dtype = token_logps.dtype
     mask = torch.ones_like(token_logps) if mask is None else mask.to(dtype)
     old = token_logps.detach() if old_logps is None else old_logps.to(dtype)
     ratio = torch.exp(token_logps - old)
     adv = advantages.to(dtype).unsqueeze(-1)
-    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=eps_high).detach() * adv * token_logps
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, float(sapo_temperatures[0]), float(sapo_temperatures[1])).to(dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        per_token = -torch.minimum(capped * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if vllm_is_ratio is not None:
+        per_token = per_token * vllm_is_ratio.to(dtype)
     if beta != 0.0:
-        delta = ref_logps.to(dtype) - token_logps
-        kl = torch.exp(delta) - delta - 1
+        delta_ref = ref_logps.to(dtype) - token_logps
+        kl = torch.exp(delta_ref) - delta_ref - 1
         per_token = per_token + beta * (ratio * kl if use_bias_correction_kl else kl)
-    return _aggregate(per_token, mask, loss_type, max_len)
+    loss = _aggregate(per_token, mask, loss_type, max_len, num_items_in_batch)
+    if entropy_coef:
+        loss = loss - entropy_coef * _aggregate(entropy, mask, loss_type, max_len, num_items_in_batch)
+    return loss
 
 
-def _aggregate(per_token, mask, loss_type, max_len=None):
+def _aggregate(per_token, mask, loss_type, max_len=None, num_items_in_batch=None):
     """GRPO's token aggregations of a ``[B, T]`` per-token loss over ``mask``."""
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    if loss_type in ("bnpo", "dapo"):
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type in ("bnpo", "dapo", "cispo"):
+        tokens = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return (per_token * mask).sum() / tokens
     if loss_type == "dr_grpo":
         return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[-1]))
+    if loss_type == "luspo":
+        return (per_token * mask).sum(-1).mean()
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 

@@ -1,4 +1,5 @@
-"""fused_grpo_loss: the clipped GRPO / DAPO / Dr.GRPO loss from hidden states, in one sweep over the vocabulary."""
+"""fused_grpo_loss: the clipped GRPO / DAPO / Dr.GRPO loss and its variants (CISPO, SAPO, LUSPO, two-sided clip,
+importance-sampling correction, entropy bonus) from hidden states, in one sweep over the vocabulary."""
 
 import torch
 
@@ -17,8 +18,12 @@ from dypo_kernels.validation import (
     check_tensor,
 )
 
+# the policy objective of each loss_type (TokenTerms.objective): the clipped surrogate unless named here
+OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
 
-def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta", use_bias_correction_kl=False):
+
+def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name="beta", use_bias_correction_kl=False,
+                        delta=None, sapo_temperatures=(1.0, 1.05), entropy_coef=0.0):
     check_number(beta_name, beta, low=0)
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
@@ -27,6 +32,58 @@ def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name
     check_choice("loss_type", loss_type, LOSS_TYPES)
     if beta > 0 and ref_logps is None:
         raise ValueError(f"{beta_name}={beta} > 0 needs ref_logps (the reference model's token log-probs)")
+    if delta is not None:
+        check_number("delta", delta, low=0)
+        if delta <= 0 or loss_type in OBJECTIVES:
+            raise ValueError(f"delta must be a positive upper bound of the ratio in the clipped objective (loss_type "
+                             f"grpo, bnpo, dapo, dr_grpo, luspo); got delta={delta!r} with loss_type={loss_type!r}")
+    for name, value in zip(("sapo_temperature_pos", "sapo_temperature_neg"), sapo_temperatures):
+        check_number(name, value, low=0)
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    check_number("entropy_coef", entropy_coef)
+
+
+def policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures):
+    """The TokenTerms settings of the policy objective of ``loss_type``."""
+    return dict(objective=OBJECTIVES.get(loss_type, "clip"), eps_low=eps_low, eps_high=eps_high, delta=delta,
+                sapo_temperatures=tuple(float(t) for t in sapo_temperatures))
+
+
+def check_is_ratio(is_ratio, mask, checks, name="vllm_is_ratio"):
+    """``is_ratio`` [B, T] or [B, 1] as fp32 [B, T] (None stays None): non-negative and finite where ``mask`` is
+    set, checked in ``checks``."""
+    if is_ratio is None:
+        return None
+    check_tensor(name, is_ratio, dims=(2,))
+    if not is_ratio.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {is_ratio.dtype}")
+    if is_ratio.shape[0] != mask.shape[0] or is_ratio.shape[1] not in (1, mask.shape[1]):
+        raise ValueError(f"{name} {tuple(is_ratio.shape)} must be [B, T] or [B, 1] for a mask {tuple(mask.shape)}")
+    if is_ratio.device != mask.device:
+        raise ValueError(f"{name} is on {is_ratio.device}, the batch on {mask.device}")
+    ratio = is_ratio.detach().float().expand(mask.shape)
+    if ratio.numel():
+        checks.require((((ratio >= 0) & torch.isfinite(ratio)) | ~mask).all(),
+                       f"{name} must be finite and >= 0 where mask is set")
+    return ratio
+
+
+def check_num_items(num_items, loss_type, device, checks):
+    if num_items is None:
+        return
+    if loss_type not in ("dapo", "cispo"):
+        raise ValueError(f"num_items_in_batch is the normaliser of loss_type 'dapo' or 'cispo'; loss_type "
+                         f"{loss_type!r} does not use it")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0 or num_items.device != device:
+            raise ValueError(f"num_items_in_batch must be a number or a 0-dim tensor on {device}, got shape "
+                             f"{tuple(num_items.shape)} on {num_items.device}")
+        checks.require(num_items > 0, "num_items_in_batch must be positive")
+    else:
+        check_number("num_items_in_batch", num_items, low=0)
+        if num_items <= 0:
+            raise ValueError(f"num_items_in_batch must be positive, got {num_items!r}")
 
 
 def policy_metrics(op_pass, tokens=None):
@@ -45,15 +102,25 @@ def policy_metrics(op_pass, tokens=None):
 @follows_autocast("hidden", "weight", "bias")
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
-                    use_bias_correction_kl=False, return_metrics=False, impl=None, chunk_bytes=None):
-    """Clipped policy-gradient loss of GRPO (DYPO paper eq. 3 / 21; DAPO's clip-higher with ``eps_high``), never
-    building the logits.
+                    use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,
+                    sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None, return_metrics=False,
+                    impl=None, chunk_bytes=None):
+    """Clipped policy-gradient loss of GRPO (DYPO paper eq. 3 / 21; DAPO's clip-higher with ``eps_high``) and the
+    variants of TRL 1.16 and Liger-Kernel 0.8.5, never building the logits.
 
-    Per token: -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)
-    with r_t = exp(lp_t - old_t) and lp_t the log-prob of targets[i, t] under softmax((W h + b) / temperature).
-    Aggregation over the tokens where ``mask`` is set, as in TRL, verl and Liger-Kernel: "grpo" the mean over each
-    sequence's tokens, then over the B sequences; "bnpo"/"dapo" the mean over all tokens; "dr_grpo" the sum over
-    B * max_len (max_len defaults to T).
+    Per token, with r_t = exp(lp_t - old_t) and lp_t the log-prob of targets[i, t] under
+    softmax((W h + b) / temperature):
+        L_t = rho_t P_t + beta * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1) [* r_t]  - entropy_coef * H_t
+    with P_t = -min(min(r_t, delta) A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) (delta: INTELLECT-2's two-sided
+    clip), or for loss_type "cispo" P_t = -sg[min(r_t, eps_high)] A_i lp_t (MiniMax-M1's CISPO: the clipped ratio
+    detached), or for "sapo" P_t = -(4 / tau) sigmoid(tau (r_t - 1)) A_i with tau = sapo_temperature_pos when
+    A_i > 0, else sapo_temperature_neg (SAPO's soft gate); rho_t = ``vllm_is_ratio`` (1 when None), H_t the token's
+    entropy. Definitions as TRL's GRPOTrainer._compute_loss and Liger-Kernel's LigerFusedLinearGRPOLoss.
+    Aggregation over the tokens where ``mask`` is set: "grpo"/"sapo" the mean over each sequence's tokens, then over
+    the B sequences; "bnpo"/"dapo"/"cispo" the mean over all tokens ("dapo"/"cispo": divided by
+    ``num_items_in_batch`` when given); "dr_grpo" the sum over B * max_len (max_len defaults to T); "luspo" the sum
+    over each sequence's tokens, mean over the sequences. The entropy bonus is aggregated as the policy term, as
+    verl's entropy_coeff is.
 
     Args:
         hidden: ``[B, T, D]`` fp32/bf16/fp16 last hidden states; weight ``[V, D]`` (same dtype); bias ``[V]`` or None.
@@ -62,49 +129,69 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         mask: ``[B, T]`` bool or 0/1, the response tokens; None means all.
         old_logps: ``[B, T]`` log-probs of the policy that sampled; None means on-policy (ratio 1, detached).
         ref_logps: ``[B, T]`` reference-model log-probs, needed when ``beta`` > 0.
-        beta: >= 0, weight of the k3 KL penalty. eps_low in [0, 1), eps_high >= 0: the clip range.
+        beta: >= 0, weight of the k3 KL penalty. eps_low in [0, 1), eps_high >= 0: the clip range (CISPO: the upper
+            bound of its ratio weight, typically 1 to 5).
         use_bias_correction_kl: multiply the KL term by r_t (differentiable), which makes its gradient the unbiased
             reverse-KL gradient off-policy (DeepSeek-V3.2; TRL's option of that name, on by default there, and
             Liger-Kernel's): per-token gradient beta r_t (lp_t - ref_t) instead of beta (1 - exp(ref_t - lp_t)).
+        entropy_coef: weight of the entropy bonus (finite; 0 for none). Its gradient -p (z - E_p[z]) is formed in
+            the same sweep.
+        delta: None, or a positive cap of r_t in the unclipped branch (clipped loss types only).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
+        vllm_is_ratio: ``[B, T]`` or ``[B, 1]`` non-negative finite weights of the policy term: the truncated
+            importance-sampling correction of rollouts sampled by another engine (TRL's importance_sampling_ratio).
+        num_items_in_batch: "dapo"/"cispo" only: the normaliser instead of this batch's token count (the tokens of
+            the whole generation batch, divided by the number of processes, as TRL passes it); a positive number or
+            a 0-dim tensor (read on the device, no sync).
         temperature: positive; the logits are divided by it.
         return_metrics: also return detached token means ``clip_fraction_low`` (r < 1 - eps_low with A < 0),
-            ``clip_fraction_high`` (r > 1 + eps_high with A > 0), ``mean_ratio``, ``mean_entropy`` and, with ref_logps,
-            ``mean_kl`` (r_t-weighted with use_bias_correction_kl, as in the loss).
+            ``clip_fraction_high`` (r > 1 + eps_high with A > 0; CISPO: r > eps_high; SAPO clips nothing),
+            ``mean_ratio``, ``mean_entropy`` and, with ref_logps, ``mean_kl`` (r_t-weighted with
+            use_bias_correction_kl, as in the loss).
         impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
 
     Returns:
         the fp32 scalar loss (and the metrics dict), differentiable in hidden, weight and bias.
 
     Cost for N masked tokens (dropped before the projection): one sweep with the gradients formed in the forward,
-    6NDV FLOP (2NDV under torch.no_grad; 8NDV with impl="fused"). Extra memory O(N*D + V*D + chunk_bytes), never
-    N x V: the fp32 gradients of hidden and weight are held from the forward to the backward. One host sync (the input
-    checks and the token count, read together), none inside the sweep. impl="chunked" is bitwise deterministic;
-    "fused" adds tiles with atomics, so its last bits may vary between runs.
+    6NDV FLOP (2NDV under torch.no_grad; 8NDV with impl="fused"), every variant and the entropy bonus included.
+    Extra memory O(N*D + V*D + chunk_bytes), never N x V: the fp32 gradients of hidden and weight are held from the
+    forward to the backward. One host sync (the input checks and the token count, read together), none inside the
+    sweep. impl="chunked" is bitwise deterministic; "fused" adds tiles with atomics, so its last bits may vary
+    between runs.
     """
     checks = Checks()
     check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
     check_tensor("advantages", advantages)
     check_per_sequence(hidden.shape[0], hidden.device, checks, advantages=advantages)
-    check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, use_bias_correction_kl=use_bias_correction_kl)
+    sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+    check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, use_bias_correction_kl=use_bias_correction_kl,
+                        delta=delta, sapo_temperatures=sapo_temperatures, entropy_coef=entropy_coef)
     check_temperature(temperature)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+    mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    is_ratio = check_is_ratio(vllm_is_ratio, mask, checks)
+    check_num_items(num_items_in_batch, loss_type, hidden.device, checks)
     backend = select_backend(hidden.device)
     impl = select_impl(impl, backend, hidden.device)
 
-    mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     tokens = checks.count(mask.sum())
     checks.run()
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, tokens.value)
-    weights = token_weights(loss_type, mask, sequence, max_len)
-    terms = TokenTerms(pg_weight=weights, advantages=advantages.detach().float()[sequence], eps_low=eps_low,
-                       eps_high=eps_high)
+    weights = token_weights(loss_type, mask, sequence, max_len, num_tokens=num_items_in_batch)
+    terms = TokenTerms(pg_weight=weights, advantages=advantages.detach().float()[sequence],
+                       **policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures))
     if old_logps is not None:
         terms.old_logps = old_logps.detach().float().reshape(-1)[kept]
     if ref_logps is not None:  # the KL is reported even when beta = 0
         terms.ref_logps = ref_logps.detach().float().reshape(-1)[kept]
         terms.kl_weight = beta * weights
         terms.kl_importance_weighted = use_bias_correction_kl
+    if is_ratio is not None:
+        terms.is_ratio = is_ratio.reshape(-1)[kept]
+    if entropy_coef:
+        terms.entropy_weight = entropy_coef * weights
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms)
     loss = sweep_loss(kept_hidden, weight, bias, op_pass,
                       loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes), impl)
