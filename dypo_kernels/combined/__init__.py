@@ -19,7 +19,7 @@ from dypo_kernels.gal.terms import (
 )
 from dypo_kernels.grade import Route
 from dypo_kernels.groups import group_ids
-from dypo_kernels.grpo import check_grpo_settings, policy_metrics
+from dypo_kernels.grpo import check_grpo_settings, check_is_ratio, policy_metrics, policy_terms
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import positions_of, select_tokens, token_weights
@@ -130,12 +130,14 @@ def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals
 @follows_autocast("hidden", "weight", "bias")
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
-              loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, batch_totals=None,
-              return_metrics=False, impl=None, chunk_bytes=None):
+              loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, entropy_coef=0.0,
+              delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vllm_is_ratio=None,
+              batch_totals=None, return_metrics=False, impl=None, chunk_bytes=None):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
-        L = (P_hard * gamma * L_SFT + P_mid * (alpha * L_GRPO + (1 - alpha) * L_GAL)) / (P_hard + P_mid)
+        L = (P_hard * gamma * L_SFT + P_mid * (alpha * L_GRPO + (1 - alpha) * L_GAL - entropy_coef * H_RL))
+            / (P_hard + P_mid)
 
     P_mid and P_hard count the groups (prompts) of ``group_index`` with RL and SFT rows. L_GRPO is fused_grpo_loss
     on the RL rows (advantages, clip range, k3 KL with ``beta_kl``, aggregation ``loss_type``; dr_grpo divides by
@@ -153,9 +155,12 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         advantages: ``[B]`` (read on RL rows); None computes them over the RL rows with group_advantages.
         old_logps: ``[B, T]`` sampling-policy log-probs; None means on-policy. ref_logps: ``[B, T]`` reference's.
         alpha in [0, 1]; gamma, beta_gal, beta_kl >= 0; eps_low in [0, 1), eps_high >= 0; loss_type as
-        fused_grpo_loss; temperature > 0; use_bias_correction_kl: the KL term weighted by the ratio, as
-        fused_grpo_loss. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies outside the
-        mask is not read.
+        fused_grpo_loss (the variants "cispo", "sapo", "luspo" too: their objective on the RL rows, their
+        aggregation on both parts); temperature > 0; use_bias_correction_kl: the KL term weighted by the ratio, as
+        fused_grpo_loss. entropy_coef: the entropy bonus on the RL rows, H_RL aggregated as L_GRPO (not weighted by
+        alpha); delta, sapo_temperature_pos / _neg, vllm_is_ratio (``[B, T]`` or ``[B, 1]``, read on RL rows): as
+        fused_grpo_loss, for L_GRPO. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies
+        outside the mask is not read.
         batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
             dr_grpo's width, GAL's groups), so the parts' losses, gradients and loss_* metrics add up to the whole
@@ -187,6 +192,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         raise ValueError(f"route {tuple(route.shape)} on {route.device} must hold one value per sequence "
                          f"({batch_size}) on {device}")
     check_per_sequence(batch_size, device, checks, rewards=rewards, advantages=advantages)
+    is_ratio = check_is_ratio(vllm_is_ratio, mask.bool(), checks)
     check_number("alpha", alpha, low=0, high=1)
     check_number("gamma", gamma, low=0)
     check_number("beta_gal", beta_gal, low=0)
@@ -201,8 +207,10 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         _check_part(batch_totals, here)
     if not here.prompts_rl:
         beta_kl = 0.0  # the KL term sits on RL rows only: a batch without them needs no reference log-probs
+    sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
     check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl",
-                        use_bias_correction_kl=use_bias_correction_kl)
+                        use_bias_correction_kl=use_bias_correction_kl, delta=delta,
+                        sapo_temperatures=sapo_temperatures, entropy_coef=entropy_coef)
     backend = select_backend(device)
     impl = select_impl(impl, backend, device)
 
@@ -233,7 +241,12 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     if rl_rows.numel():
         token_advantages = torch.where(token_rl, rl_advantages[rl_rank[sequence].clamp(min=0)], 0.0)
     terms = TokenTerms(pg_weight=share_rl * alpha * rl_weights, advantages=token_advantages,
-                       nll_weight=share_sft * gamma * sft_weights, eps_low=eps_low, eps_high=eps_high)
+                       nll_weight=share_sft * gamma * sft_weights,
+                       **policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures))
+    if is_ratio is not None:
+        terms.is_ratio = is_ratio.reshape(-1)[kept]
+    if entropy_coef:
+        terms.entropy_weight = share_rl * entropy_coef * rl_weights
     if old_logps is not None:
         terms.old_logps = torch.where(token_rl, old_logps.detach().float().reshape(-1)[kept], 0.0)
     if ref_logps is not None:

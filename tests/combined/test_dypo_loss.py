@@ -55,6 +55,28 @@ def test_matches_float64_reference(backend, chunk_rows, loss_type, old):
     assert (metrics["num_prompts_rl"], metrics["num_prompts_sft"]) == (2, 1)
 
 
+RL_VARIANTS = {"cispo": dict(loss_type="cispo", eps_high=1.1), "sapo": dict(loss_type="sapo"),
+               "luspo": dict(loss_type="luspo"), "delta": dict(loss_type="dapo", delta=1.05),
+               "vllm_is_ratio": dict(loss_type="grpo", vllm_is_ratio="tokens"),
+               "entropy_grpo": dict(loss_type="grpo", entropy_coef=0.3),
+               "entropy_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.3)}
+
+
+@pytest.mark.parametrize("variant", list(RL_VARIANTS))
+def test_rl_variants_and_entropy_match_float64_reference(backend, chunk_rows, variant):
+    """fused_grpo_loss's variants and the entropy bonus on the RL rows, inside the one sweep with GAL and SFT."""
+    batch, kwargs = dypo_inputs(backend, "stale")
+    kwargs.update(RL_VARIANTS[variant])
+    if kwargs.get("vllm_is_ratio") == "tokens":
+        kwargs["vllm_is_ratio"] = (torch.rand(10, 8, generator=torch.Generator().manual_seed(5)) + 0.5).to(backend)
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    loss = dypo_loss(*args, **kwargs)
+    expected = reference.dypo_loss(*args, **kwargs)
+    assert relative_error(loss, expected) < 1e-5
+    for name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5, name
+
+
 @pytest.mark.parametrize("old", ["none", "stale"])
 def test_bias_corrected_kl_matches_float64_reference(backend, old):
     batch, kwargs = dypo_inputs(backend, old)
