@@ -98,7 +98,13 @@ class Config:
                                                  "true, false")
     epsilon: float = option(0.2, "lower clip range")
     epsilon_high: float = option(0.2, "upper clip range")
-    loss_type: str = option("grpo", "token aggregation: grpo, bnpo, dapo, dr_grpo")
+    loss_type: str = option("grpo", "RL objective and token aggregation: grpo, bnpo, dapo, dr_grpo, or the variants "
+                                    "cispo (epsilon_high is then its ratio cap, e.g. 5), sapo, luspo")
+    entropy_coef: float = option(0.0, "entropy bonus on the RL rows, aggregated as the policy loss (verl's "
+                                      "entropy_coeff)")
+    delta: float = option(0.0, "two-sided clip: cap of the ratio in the unclipped branch (INTELLECT-2); 0: none")
+    sapo_temperature_pos: float = option(1.0, "loss_type sapo: gate temperature for positive advantages")
+    sapo_temperature_neg: float = option(1.05, "loss_type sapo: gate temperature for negative advantages")
     scale_rewards: str = option("group", "advantage scaling: group, batch, none (Dr.GRPO)")
     switch_gate: int = option(0, "plain GRPO before this step (DYPO's routing after)")
     sft_teachers: str = option("one", "hard prompts: SFT on one teacher solution drawn uniformly, or on all")
@@ -148,7 +154,12 @@ def _check(config: Config, fail):
             fail(f"{name} must lie in [0, 1]; got {getattr(config, name)}")
     if not 0 <= config.epsilon < 1:
         fail(f"epsilon must lie in [0, 1); got {config.epsilon}")
-    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "switch_gate", "weight_decay", "num_samples",
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if not getattr(config, name) > 0:
+            fail(f"{name} must be positive; got {getattr(config, name)}")
+    if config.delta and config.loss_type in ("cispo", "sapo"):
+        fail(f"delta caps the ratio of the clipped objective; loss_type {config.loss_type} has none")
+    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "delta", "switch_gate", "weight_decay", "num_samples",
                  "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "vllm_max_model_length"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")

@@ -45,7 +45,10 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--strategy", "ppo"], "strategy must be one of dypo, grpo, sft, sft_then_rl; got 'ppo'"),
     (["--alpha", "2"], "alpha must lie in [0, 1]"),
-    (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
+    (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo"),
+    (["--loss_type", "sapo", "--delta", "1.5"], "delta caps the ratio of the clipped objective"),
+    (["--sapo_temperature_pos", "0"], "sapo_temperature_pos must be positive"),
+    (["--delta", "-1"], "delta must be >= 0"),
     (["--scale_rewards", "std"], "scale_rewards must be one of group, batch, none"),
     (["--max_steps", "0"], "max_steps must be a positive integer"),
     (["--epsilon", "1"], "epsilon must lie in [0, 1)"),

@@ -136,6 +136,19 @@ def test_loss_options_reach_dypo_loss(tmp_path, monkeypatch, corrected):
                         kwargs["loss_type"] == "dapo" and kwargs["eps_high"] == 0.28 for kwargs in seen)
 
 
+def test_variant_options_reach_dypo_loss(tmp_path, monkeypatch):
+    import dypo.trainer
+
+    seen = []
+    real = dypo.trainer.dypo_loss
+    monkeypatch.setattr(dypo.trainer, "dypo_loss",
+                        lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    main(["--max_steps", "2", "--eval_prompts", "2", "--loss_type", "sapo", "--entropy_coef", "0.01",
+          "--sapo_temperature_neg", "2", "--output_dir", str(tmp_path / "run")])
+    assert seen and all(kwargs["loss_type"] == "sapo" and kwargs["entropy_coef"] == 0.01 and kwargs["delta"] is None
+                        and kwargs["sapo_temperature_neg"] == 2.0 for kwargs in seen)
+
+
 def test_a_short_run_writes_its_run_directory(tmp_path):
     summary = main(["--max_steps", "4", "--logging_steps", "2", "--sample_steps", "2", "--save_steps", "2",
                     "--eval_prompts", "4", "--output_dir", str(tmp_path / "run")])
