@@ -27,9 +27,17 @@ outside the forward), vLLM's importance-sampling correction, tool masks, top_ent
 off_policy_mask_threshold, delta, sequence-level importance sampling, entropy_coef, cast_lm_head_to_fp32, and models
 whose logits are not lm_head(last hidden state). Text-only models; tested on CPU with one process
 (tests/integrations/test_trl.py).
+
+The old and reference log-probs TRL computes under ``torch.no_grad`` (``_get_per_token_logps_and_entropies``) go
+through ``fused_linear_logprobs`` on the decoder's last hidden states: 2NDV FLOP and no [tokens, vocab] tensor (TRL
+1.16's own path is chunked too, in tiles of 4,096 tokens by 32,768 vocabulary entries). A plain ``GRPOTrainer``
+gets the same with one line, ``patch_trl_log_probs(trainer)`` (or ``patch_trl_log_probs()`` for every
+GRPOTrainer); ``fused_per_token_logps`` is the function under both.
 """
 
+import functools
 import random
+import types
 
 import torch
 from accelerate.utils import gather_object
@@ -39,7 +47,7 @@ from trl.trainer.utils import split_tensor_dict
 from dypo.metrics import LOSS_TERMS, WEIGHTS, read_metrics
 from dypo.policy import Runtime, check_head
 from dypo.routing import routes_of
-from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, group_advantages
+from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fused_linear_logprobs, group_advantages
 from dypo_kernels.tokens import LOSS_TYPES
 
 # the per-token tensors of a micro-batch, [rows, completion width]
@@ -48,6 +56,141 @@ COMPLETION_COLUMNS = ("completion_ids", "completion_mask", "old_per_token_logps"
 # GRPOConfig options the fused loss cannot honour, with the value that is safe
 UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "delta": None,
                "importance_sampling_level": "token", "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
+
+
+# text-config fields by which a model's logits are not lm_head(last hidden state) (the ones TRL's fused head reads):
+# a soft cap, or a scale other than 1
+SOFT_CAPS = ("final_logit_softcapping",)
+LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+# old and reference log-probs -------------------------------------------------------------------------------------
+def plain_head(model):
+    """Whether the model's config leaves its logits lm_head(last hidden state): no soft cap, no logit scale."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return all(getattr(config, name, None) is None for name in SOFT_CAPS) and \
+        all(getattr(config, name, None) in (None, 1, 1.0) for name in LOGIT_SCALES)
+
+
+def fused_per_token_logps(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, compute_entropy=False,
+                          *, batch_size=None, cast_lm_head_to_fp32=False):
+    """The log-probs (and entropies) of the last ``logits_to_keep`` tokens of ``input_ids``, as TRL's
+    ``GRPOTrainer._get_per_token_logps_and_entropies`` returns them, from ``fused_linear_logprobs`` on the decoder's
+    last hidden states under ``torch.no_grad``: no [rows, tokens, vocab] logits.
+
+    Args:
+        model: a text causal LM whose logits are lm_head(last hidden state) (``plain_head``): a transformers model,
+            or a PEFT model around one, unwrapped from DDP. Runs under the caller's autocast.
+        input_ids, attention_mask: ``[B, S]`` prompts and completions (TRL's ``prompt_completion_ids``).
+        logits_to_keep: K, 0 < K < S, the completions' width: column j scores ``input_ids[:, S - K + j]``.
+        temperature: the logits are divided by it (``GRPOConfig.temperature``).
+        compute_entropy: also return the entropies.
+        batch_size: rows per forward, as TRL chunks them (None: all rows at once).
+        cast_lm_head_to_fp32: the head's product in float32 outside autocast (``GRPOConfig.cast_lm_head_to_fp32``).
+
+    Returns:
+        ``(logps, entropies)``, ``[B, K]`` float32 each (``entropies`` None without ``compute_entropy``), 0 where
+        ``attention_mask`` is 0 (TRL's -100 labels), on the lm_head's device.
+
+    Cost: the decoder's forward, then 2 B K D V FLOP (fused_linear_logprobs under no_grad); extra memory beyond the
+    decoder's O(batch_size * S * D + V * D + chunk), never a [B, K, V] tensor. The decoder runs alone
+    (``get_decoder()``, the backbone TRL's own fused head runs), not the whole model with ``output_hidden_states``,
+    which would keep every layer's hidden states.
+    """
+    rows, width = input_ids.shape
+    if not 0 < logits_to_keep < width:
+        raise ValueError(f"logits_to_keep must lie in 1..{width - 1} (the sequence holds {width} tokens); got "
+                         f"{logits_to_keep}")
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    batch_size = batch_size or rows
+    logps, entropies = [], []
+    with torch.no_grad():
+        for start in range(0, rows, batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = hidden[:, width - logits_to_keep - 1:-1].to(weight.device)
+            targets = ids[:, -logits_to_keep:].masked_fill(mask[:, -logits_to_keep:] == 0, -100).to(weight.device)
+            if cast_lm_head_to_fp32:
+                with torch.autocast(weight.device.type, enabled=False):
+                    out = fused_linear_logprobs(hidden.float(), weight.float(), targets,
+                                                bias=None if bias is None else bias.float(), temperature=temperature,
+                                                return_entropy=compute_entropy)
+            else:
+                out = fused_linear_logprobs(hidden, weight.to(hidden.dtype), targets,
+                                            bias=None if bias is None else bias.to(hidden.dtype),
+                                            temperature=temperature, return_entropy=compute_entropy)
+            logps.append(out[0] if compute_entropy else out)
+            if compute_entropy:
+                entropies.append(out[1])
+    return torch.cat(logps), torch.cat(entropies) if compute_entropy else None
+
+
+def fused_path_refusal(trainer, model, input_ids, logits_to_keep, compute_aux_loss=False, **multimodal):
+    """Why the fused path cannot honour this ``_get_per_token_logps_and_entropies`` call, so that TRL's own path
+    runs; None when it can."""
+    if torch.is_grad_enabled():
+        return "gradients are enabled (TRL's policy loss)"
+    if compute_aux_loss:
+        return "the MoE load-balancing loss needs the router logits"
+    given = sorted(name for name, value in multimodal.items() if value is not None)
+    if given:
+        return f"multimodal inputs ({', '.join(given)})"
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) or (deepspeed is not None and deepspeed.zero_stage == 3):
+        return "FSDP and ZeRO-3 shard the lm_head weight read outside the forward"
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    if getattr(getattr(unwrapped, "active_peft_config", None), "is_prompt_learning", False):
+        return "prompt-learning PEFT adds its virtual tokens in its own forward"
+    if not plain_head(unwrapped):
+        return "the model's logits are soft-capped or scaled"
+    if not 0 < logits_to_keep < input_ids.size(1):
+        return "logits_to_keep covers the whole sequence"
+    return None
+
+
+def fused_logps_method(original):
+    """``original`` (TRL's ``_get_per_token_logps_and_entropies``) with its no-grad calls, the old and reference
+    log-probs, through ``fused_per_token_logps``: the same signature and return value ``(logps, entropies,
+    aux_loss=None)``, the trainer's ``temperature``, the ``batch_size`` chunking, ``compute_entropy``,
+    ``cast_lm_head_to_fp32`` and ``accelerator.autocast()``. ``original`` runs where ``fused_path_refusal`` says
+    why the fused path cannot honour the call: gradients enabled (the policy's loss), ``compute_aux_loss``,
+    multimodal inputs, FSDP / ZeRO-3, prompt-learning PEFT, soft-capped or scaled logits."""
+
+    @functools.wraps(original)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        if fused_path_refusal(self, model, input_ids, logits_to_keep, compute_aux_loss, **multimodal) is not None:
+            return original(self, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        with self.accelerator.autocast():
+            logps, entropies = fused_per_token_logps(
+                self.accelerator.unwrap_model(model), input_ids, attention_mask, logits_to_keep, self.temperature,
+                compute_entropy, batch_size=batch_size,
+                cast_lm_head_to_fp32=getattr(self.args, "cast_lm_head_to_fp32", False))
+        return logps, entropies, None
+
+    _get_per_token_logps_and_entropies.dypo_fused = True
+    return _get_per_token_logps_and_entropies
+
+
+def patch_trl_log_probs(target=GRPOTrainer):
+    """Route a TRL trainer's old and reference log-probs through the fused op (``fused_logps_method``):
+
+        trainer = GRPOTrainer(...); patch_trl_log_probs(trainer)   # this trainer
+        patch_trl_log_probs()                                      # every GRPOTrainer (a class: that class)
+
+    ``target``: a trainer instance or class with TRL 1.16's ``_get_per_token_logps_and_entropies``. Patching twice
+    does nothing. Returns ``target``."""
+    current = target._get_per_token_logps_and_entropies
+    if getattr(current, "dypo_fused", False):
+        return target
+    if isinstance(target, type):
+        target._get_per_token_logps_and_entropies = fused_logps_method(current)
+    else:
+        target._get_per_token_logps_and_entropies = types.MethodType(
+            fused_logps_method(type(target)._get_per_token_logps_and_entropies), target)
+    return target
 
 
 class DYPOTrainer(GRPOTrainer):
@@ -76,6 +219,9 @@ class DYPOTrainer(GRPOTrainer):
         check_head(unwrapped, type(unwrapped).__name__, Runtime(next(unwrapped.parameters()).device))
         self.alpha, self.gamma, self.beta_gal, self.switch_gate = alpha, gamma, beta_gal, switch_gate
         self.teachers_field = teachers_field
+
+    # TRL's old and reference log-probs (no grad) through the fused op; its own path elsewhere (fused_logps_method)
+    _get_per_token_logps_and_entropies = fused_logps_method(GRPOTrainer._get_per_token_logps_and_entropies)
 
     # rewards and routing ----------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
