@@ -35,7 +35,16 @@ that puts teacher trajectories into the batch; they get no gradient, like easy o
 ``dypo_loss`` (verl computes the token log-probs itself; its ``use_fused_kernels`` bounds that memory). GAL compares
 the policy's own sequence log-probs (no reference term: verl does not pass reference log-probs to a policy loss).
 Tested on CPU against verl 0.9.1 (tests/integrations/test_verl.py), not in a verl training run.
+
+The log-probs themselves: with ``actor_rollout_ref.model.use_fused_kernels=True`` verl's FSDP models score tokens
+with ``FusedLinearForPPO`` (``fused_kernel_options.impl_backend=torch``, the default, or ``liger``) or
+``linear_cross_entropy`` (``triton``) on the last hidden states. ``patch_verl_log_probs()`` (in every process:
+``DYPO_VERL_LOG_PROBS=1`` does it where this module is loaded) replaces both with ``dypo_log_probs_hook``, that is
+``fused_linear_logprobs``: old, reference and current log-probs and entropies, no [tokens, vocab] logits
+(tests/integrations/test_log_probs.py).
 """
+
+import os
 
 import torch
 from verl.trainer.ppo.core_algos import (
@@ -47,7 +56,7 @@ from verl.trainer.ppo.core_algos import (
 )
 
 from dypo.routing import routes_of
-from dypo_kernels import Route, gal_loss, group_advantages
+from dypo_kernels import Route, fused_linear_logprobs, gal_loss, group_advantages
 from dypo_kernels.gal import groups_with_pairs, sequence_logprobs
 from dypo_kernels.validation import check_number
 
@@ -205,4 +214,94 @@ def register(name="dypo", *, alpha=0.5, beta_gal=1.0, average_log_prob=False, su
     _registered[name] = settings
 
 
+# verl's fused-kernel log-prob path ------------------------------------------------------------------------------
+def dypo_log_probs_hook(hidden_states, vocab_weights, input_ids, temperature=1.0):
+    """verl's fused-kernel log-probs, ``FusedLinearForPPO.forward(hidden_states, vocab_weights, input_ids,
+    temperature)``, from ``fused_linear_logprobs``: the same values and return value, without the [tokens, vocab]
+    logits that verl's torch backend builds chunk by chunk (512 rows each, with their fp32 softmax).
+
+    Args:
+        hidden_states: ``[N, D]`` or ``[B, N, D]`` last hidden states (verl passes ``[1, nnz, D]``, or ``[B, S, D]``
+            without padding removal).
+        vocab_weights: ``[V, D]`` the lm_head weight.
+        input_ids: ``hidden_states.shape[:-1]`` next-token ids (verl's rolled labels); -100 positions give 0.
+        temperature: a number; the logits are divided by it (verl's fused path takes no per-row temperatures).
+
+    Returns:
+        ``(log_probs, entropy)`` shaped like ``input_ids``: log_probs float32, entropy in ``hidden_states``' dtype,
+        as verl's torch backend returns them.
+
+    Differentiable in hidden_states and vocab_weights (verl's actor update calls it with gradients): forward 2NDV
+    FLOP (all there is under no_grad: the old and reference log-probs), backward 6NDV; extra memory
+    O(N*D + V*D + chunk), never N x V.
+    """
+    if input_ids.shape != hidden_states.shape[:-1]:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} must be hidden_states' leading shape "
+                         f"{tuple(hidden_states.shape[:-1])}")
+    log_probs, entropy = fused_linear_logprobs(hidden_states, vocab_weights, input_ids.long(),
+                                               temperature=float(temperature), return_entropy=True)
+    return log_probs, entropy.to(hidden_states.dtype)
+
+
+class DYPOFusedLinearForPPO(torch.nn.Module):
+    """Stands in for verl's ``verl.utils.experimental.torch_functional.FusedLinearForPPO``: its forward is
+    ``dypo_log_probs_hook``. ``chunk_size`` and ``impl_backend`` are accepted and unused (the op chunks by bytes)."""
+
+    def __init__(self, chunk_size=512, impl_backend="torch"):
+        super().__init__()
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+        return dypo_log_probs_hook(hidden_states, vocab_weights, input_ids, temperature)
+
+
+def dypo_linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """Stands in for verl's ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (the ``triton``
+    backend): flat ``[N]`` float32 log-probs and entropies of ``labels`` under ``hidden @ weight.T / temperature``,
+    as verl's kernel returns them with ``reduction="none"``. verl's own kernel runs where the hook cannot honour
+    the call: another ``reduction``, or a vocabulary split over a process group of more than one rank (Megatron's
+    tensor parallelism)."""
+    split = dist_process_group is not None and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size(dist_process_group) > 1
+    if split or str(reduction).lower() != "none":
+        from verl.utils.kernel.linear_cross_entropy import LinearCrossEntropy
+
+        return LinearCrossEntropy.apply(hidden, weight, labels, temperature, reduction, dist_process_group)
+    log_probs, entropy = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(),
+                                               temperature=float(temperature), return_entropy=True)
+    return log_probs, entropy
+
+
+_verl_originals = {}
+
+
+def patch_verl_log_probs():
+    """Install the hook in this process: verl's ``FusedLinearForPPO`` (use_fused_kernels with impl_backend torch or
+    liger) becomes ``DYPOFusedLinearForPPO`` and its ``linear_cross_entropy`` (impl_backend triton) becomes
+    ``dypo_linear_cross_entropy``. verl's HF-model forwards (verl.models.transformers) look both up at each call, so
+    the patch takes effect for models already built. Patching twice does nothing; ``unpatch_verl_log_probs`` undoes
+    it. verl's Megatron forwards bind ``linear_cross_entropy`` when imported: not covered."""
+    from verl.utils.experimental import torch_functional
+    from verl.utils.kernel import linear_cross_entropy
+
+    if _verl_originals:
+        return
+    _verl_originals.update(FusedLinearForPPO=torch_functional.FusedLinearForPPO,
+                           linear_cross_entropy=linear_cross_entropy.linear_cross_entropy)
+    torch_functional.FusedLinearForPPO = DYPOFusedLinearForPPO
+    linear_cross_entropy.linear_cross_entropy = dypo_linear_cross_entropy
+
+
+def unpatch_verl_log_probs():
+    """Give verl back its own fused log-prob functions (after ``patch_verl_log_probs``; else nothing)."""
+    from verl.utils.experimental import torch_functional
+    from verl.utils.kernel import linear_cross_entropy
+
+    if _verl_originals:
+        torch_functional.FusedLinearForPPO = _verl_originals.pop("FusedLinearForPPO")
+        linear_cross_entropy.linear_cross_entropy = _verl_originals.pop("linear_cross_entropy")
+
+
 register()
+if os.environ.get("DYPO_VERL_LOG_PROBS", "0") not in ("", "0"):  # verl loads this module in each of its processes
+    patch_verl_log_probs()
