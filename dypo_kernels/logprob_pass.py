@@ -12,6 +12,7 @@ from dypo_kernels.sweep import Chunk, loss_chunks, sweep
 
 if TYPE_CHECKING:
     from dypo_kernels.gal.terms import GalTerms
+    from dypo_kernels.grpo.sequence import SequenceTerms
 
 
 OBJECTIVES = ("clip", "cispo", "sapo")
@@ -128,9 +129,10 @@ class LogprobPass:
 
     Per chunk: the row statistics (lse, target logit, entropy) from the backend's vocabulary pass, lp = target
     logit - lse, then the coefficients g_t = dL/dlp_t of the loss (``terms``, plus GAL's per-sequence c_i from the
-    chunk's own sequence log-probs, ``gal``), or the upstream gradients ``grad_logp`` / ``grad_entropy`` of
-    fused_linear_logprobs' backward (whose statistics ``lse`` / ``entropy`` are then known and not recomputed);
-    then the logit gradient (g_t (onehot - p) - g_H,t p (z - E_p[z])) / T into the workspace. Its outputs, fp32
+    chunk's own sequence log-probs, ``gal``, and a sequence-level policy term's, ``sequence``), or the upstream
+    gradients ``grad_logp`` / ``grad_entropy`` of fused_linear_logprobs' backward (whose statistics ``lse`` /
+    ``entropy`` are then known and not recomputed); then the logit gradient (g_t (onehot - p) - g_H,t p (z -
+    E_p[z])) / T into the workspace. Its outputs, fp32
     ``[N]``: lse, logps, entropy, and the loss value L_t with its diagnostics ``parts``.
     """
 
@@ -139,6 +141,7 @@ class LogprobPass:
     backend: str
     terms: Optional[TokenTerms] = None
     gal: Optional["GalTerms"] = None
+    sequence: Optional["SequenceTerms"] = None
     grad_logp: Optional[torch.Tensor] = None
     grad_entropy: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
@@ -159,6 +162,9 @@ class LogprobPass:
 
     def whole_chunk(self):
         count = self.targets.shape[0]
+        if self.sequence is not None:
+            sequences = self.sequence.advantages.shape[0]
+            return Chunk(0, count, 0, sequences, 0, sequences)
         return Chunk(0, count, 0, 0 if self.gal is None else self.gal.group.shape[0], 0,
                      0 if self.gal is None else self.gal.num_groups)
 
@@ -169,7 +175,7 @@ class LogprobPass:
             return self.grad_logp[rows], None if self.grad_entropy is None else self.grad_entropy[rows]
         logps = target_logit - lse
         self.lse[rows], self.logps[rows], self.entropy[rows] = lse, logps, entropy
-        if self.terms is None and self.gal is None:
+        if self.terms is None and self.gal is None and self.sequence is None:
             return None, None
         gradient, gradient_entropy = torch.zeros_like(logps), None
         if self.terms is not None:
@@ -179,6 +185,8 @@ class LogprobPass:
                 self.parts.setdefault(name, torch.zeros_like(self.value))[rows] = part
         if self.gal is not None:
             gradient = gradient + self.gal.gradient(chunk, logps)
+        if self.sequence is not None:
+            gradient = gradient + self.sequence.gradient(chunk, logps)
         return gradient, gradient_entropy
 
     def chunk(self, chunk, logits, workspace):
@@ -199,10 +207,12 @@ class LogprobPass:
                                          workspace, still, self.backend)
 
     def total(self):
-        """The scalar loss: sum_t L_t, plus GAL's value."""
+        """The scalar loss: sum_t L_t, plus GAL's and the sequence-level term's values."""
         loss = self.value.sum()
         if self.gal is not None:
             loss = loss + self.gal.scale * self.gal.loss_and_metrics()[0]
+        if self.sequence is not None:
+            loss = loss + self.sequence.loss_and_metrics()[0]
         return loss
 
 

@@ -6,6 +6,7 @@ calls them. Notation follows docs/design.md, "The method and its math", and the 
 ``z_t = (W h_t + b) / temperature`` are the logits of response token t and ``y_t`` its target id.
 """
 
+import math
 from typing import Sequence
 
 import torch
@@ -85,13 +86,18 @@ def group_advantages(rewards, *, group_size=None, group_index=None, scale="group
 def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
               eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
               use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,
-              sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None, dtype=torch.float64):
+              sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None,
+              importance_sampling_level="token", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+              vespo_lambda_neg=2.0, dtype=torch.float64):
     """Clipped GRPO loss (paper eq. 3 / 21) with the k3 KL penalty, its variants and an entropy bonus, on
     ``[B, T, D]`` hidden states, as TRL 1.16's GRPOTrainer._compute_loss writes them.
 
     per-token: rho * P + beta * (exp(ref - lp) - (ref - lp) - 1) [* r], r_t = exp(lp_t - old_lp_t) (old = lp
     detached when ``old_logps`` is None), rho = ``vllm_is_ratio``, P by loss_type: "cispo" -sg[min(r, eps_high)] A lp;
-    "sapo" -sigmoid(tau (r - 1)) 4 / tau A (tau by the sign of A); otherwise -min(min(r, delta) A, clip(r) A).
+    "sapo" -sigmoid(tau (r - 1)) 4 / tau A (tau by the sign of A); "vespo" -sg[phi] A lp, phi the gamma weight of
+    the sequence's clamped log-ratio sum (plus its tokens' clamped log rho), rho then not applied; otherwise
+    -min(min(r, delta) A, clip(r) A). importance_sampling_level "sequence" (GSPO): r is exp of the sequence's mean
+    log-ratio, for every token (and weights the corrected KL).
     Aggregation: "grpo"/"sapo" mean over each sequence's tokens then over sequences; "bnpo"/"dapo"/"cispo" mean over
     all tokens (dapo/cispo: over ``num_items_in_batch`` when given); "dr_grpo" sum / (B * max_len); "luspo" sum over
     each sequence, mean over sequences. Minus entropy_coef times the token entropy, aggregated the same way.
@@ -102,20 +108,29 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None,
                                 use_bias_correction_kl=use_bias_correction_kl, entropy=entropy,
                                 entropy_coef=entropy_coef, delta=delta,
                                 sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
-                                vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch)
+                                vllm_is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch,
+                                importance_sampling_level=importance_sampling_level,
+                                vespo_shapes=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
 
 
 def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                          eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, use_bias_correction_kl=False,
                          entropy=None, entropy_coef=0.0, delta=None, sapo_temperatures=(1.0, 1.05),
-                         vllm_is_ratio=None, num_items_in_batch=None):
+                         vllm_is_ratio=None, num_items_in_batch=None, importance_sampling_level="token",
+                         vespo_shapes=(2.0, 3.0, 3.0, 2.0)):
     """grpo_loss on token log-probs (and entropies) ``[B, T]`` (differentiable) already computed, in their dtype."""
     dtype = token_logps.dtype
     mask = torch.ones_like(token_logps) if mask is None else mask.to(dtype)
     old = token_logps.detach() if old_logps is None else old_logps.to(dtype)
-    ratio = torch.exp(token_logps - old)
+    log_ratio = token_logps - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
     adv = advantages.to(dtype).unsqueeze(-1)
-    if loss_type == "cispo":
+    if loss_type == "vespo":
+        phi = _gamma_weights(token_logps - old, mask, adv, vllm_is_ratio, vespo_shapes)
+        per_token = -phi * adv * token_logps
+    elif loss_type == "cispo":
         per_token = -ratio.clamp(max=eps_high).detach() * adv * token_logps
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, float(sapo_temperatures[0]), float(sapo_temperatures[1])).to(dtype)
@@ -123,7 +138,7 @@ def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, 
     else:
         capped = ratio if delta is None else ratio.clamp(max=delta)
         per_token = -torch.minimum(capped * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
-    if vllm_is_ratio is not None:
+    if vllm_is_ratio is not None and loss_type != "vespo":
         per_token = per_token * vllm_is_ratio.to(dtype)
     if beta != 0.0:
         delta_ref = ref_logps.to(dtype) - token_logps
@@ -135,11 +150,25 @@ def grpo_loss_from_logps(token_logps, advantages, *, mask=None, old_logps=None, 
     return loss
 
 
+@torch.no_grad()
+def _gamma_weights(log_ratio, mask, adv, is_ratio, shapes):
+    """VESPO's phi of each sequence [B, 1], detached (TRL's get_gamma_weights; rho summed over the masked tokens)."""
+    k_pos, lambda_pos, k_neg, lambda_neg = shapes
+    log_weight = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+    if is_ratio is not None:
+        log_weight = log_weight + (torch.log(is_ratio.to(log_ratio.dtype)).clamp(math.log(1e-8), 20.0)
+                                   * mask).sum(-1, keepdim=True)
+    log_weight = log_weight.clamp(math.log(1e-8), 20.0)
+    k = torch.where(adv >= 0, k_pos, k_neg).to(log_ratio.dtype)
+    rate = torch.where(adv >= 0, lambda_pos, lambda_neg).to(log_ratio.dtype).clamp(min=1e-4)
+    return torch.exp(rate + k * log_weight - rate * torch.exp(log_weight)).nan_to_num(0.0, 0.0, 0.0)
+
+
 def _aggregate(per_token, mask, loss_type, max_len=None, num_items_in_batch=None):
     """GRPO's token aggregations of a ``[B, T]`` per-token loss over ``mask``."""
     if loss_type in ("grpo", "sapo"):
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    if loss_type in ("bnpo", "dapo", "cispo"):
+    if loss_type in ("bnpo", "dapo", "cispo", "vespo"):
         tokens = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return (per_token * mask).sum() / tokens
     if loss_type == "dr_grpo":

@@ -1,13 +1,14 @@
 """The tokens a loss uses and how it aggregates them: selection of the masked tokens without a host sync, and each
-token's weight in the aggregation of a loss_type (GRPO, DAPO/BNPO, Dr.GRPO, and the variants CISPO, SAPO, LUSPO)."""
+token's weight in the aggregation of a loss_type (GRPO, DAPO/BNPO, Dr.GRPO, and the variants CISPO, SAPO, LUSPO,
+VESPO)."""
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 # how each loss_type aggregates its per-token terms (TRL 1.16's GRPOTrainer): the mean of each sequence's token mean;
 # the mean over the batch's tokens; the sum over B x max_len; the sum over the tokens, mean over the sequences
 AGGREGATIONS = {"grpo": "sequence_mean", "sapo": "sequence_mean", "bnpo": "token_mean", "dapo": "token_mean",
-                "cispo": "token_mean", "dr_grpo": "fixed", "luspo": "sequence_sum"}
+                "cispo": "token_mean", "vespo": "token_mean", "dr_grpo": "fixed", "luspo": "sequence_sum"}
 
 
 def positions_of(flags, count):
@@ -40,8 +41,8 @@ def select_tokens(hidden, targets, mask, count, rows=None):
 
 def token_weights(loss_type, mask, sequence, max_len=None, num_sequences=None, num_tokens=None):
     """Weight of each kept token in the aggregation of ``loss_type`` over the sequences of ``mask`` ``[B, T]``:
-    "grpo"/"sapo" 1 / (B * len_i) (mean of each sequence's token mean); "bnpo"/"dapo"/"cispo" 1 / (tokens in the
-    batch); "dr_grpo" 1 / (B * max_len), max_len defaulting to T; "luspo" 1 / B (each sequence's sum, as TRL: the
+    "grpo"/"sapo" 1 / (B * len_i) (mean of each sequence's token mean); "bnpo"/"dapo"/"cispo"/"vespo" 1 / (tokens
+    in the batch); "dr_grpo" 1 / (B * max_len), max_len defaulting to T; "luspo" 1 / B (each sequence's sum, as TRL: the
     mean over its tokens times its length). fp32 ``[N]`` for the tokens' sequences ``sequence``. ``num_sequences`` /
     ``num_tokens`` replace B / the batch's tokens when the batch is a part of a larger one."""
     mask = mask.float()

@@ -5,6 +5,13 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.grpo.sequence import (
+    LOG_MIN_WEIGHT,
+    SequenceTerms,
+    sequence_chunks,
+    sequence_plan,
+    sequence_sweep_ahead,
+)
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import LOSS_TYPES, select_tokens, token_mean, token_weights
@@ -34,7 +41,7 @@ def check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, beta_name
         raise ValueError(f"{beta_name}={beta} > 0 needs ref_logps (the reference model's token log-probs)")
     if delta is not None:
         check_number("delta", delta, low=0)
-        if delta <= 0 or loss_type in OBJECTIVES:
+        if delta <= 0 or loss_type in (*OBJECTIVES, "vespo"):
             raise ValueError(f"delta must be a positive upper bound of the ratio in the clipped objective (loss_type "
                              f"grpo, bnpo, dapo, dr_grpo, luspo); got delta={delta!r} with loss_type={loss_type!r}")
     for name, value in zip(("sapo_temperature_pos", "sapo_temperature_neg"), sapo_temperatures):
@@ -72,8 +79,8 @@ def check_is_ratio(is_ratio, mask, checks, name="vllm_is_ratio"):
 def check_num_items(num_items, loss_type, device, checks):
     if num_items is None:
         return
-    if loss_type not in ("dapo", "cispo"):
-        raise ValueError(f"num_items_in_batch is the normaliser of loss_type 'dapo' or 'cispo'; loss_type "
+    if loss_type not in ("dapo", "cispo", "vespo"):
+        raise ValueError(f"num_items_in_batch is the normaliser of loss_type 'dapo', 'cispo' or 'vespo'; loss_type "
                          f"{loss_type!r} does not use it")
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0 or num_items.device != device:
@@ -84,6 +91,49 @@ def check_num_items(num_items, loss_type, device, checks):
         check_number("num_items_in_batch", num_items, low=0)
         if num_items <= 0:
             raise ValueError(f"num_items_in_batch must be positive, got {num_items!r}")
+
+
+def check_importance_sampling_level(level, loss_type):
+    """Whether the policy term's ratio is one per sequence (GSPO's "sequence", and VESPO's gamma weight)."""
+    check_choice("importance_sampling_level", level, ("token", "sequence"))
+    if level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+        raise ValueError(f"importance_sampling_level='sequence' is not defined for loss_type={loss_type!r} (TRL's "
+                         "and Liger-Kernel's rule); use 'token'")
+    return level == "sequence" or loss_type == "vespo"
+
+
+def vespo_log_is_ratio(is_ratio, mask, rows):
+    """VESPO's per-sequence sum of clamp(log rho_t, log 1e-8, 20) over the masked tokens, for the sequences
+    ``rows`` (None without a ratio)."""
+    if is_ratio is None:
+        return None
+    log_ratio = torch.log(is_ratio).clamp(LOG_MIN_WEIGHT, 20.0)
+    return torch.where(mask, log_ratio, 0.0).sum(-1)[rows]
+
+
+def sequence_metrics(op_pass, old_logps, ref_logps, kl_importance_weighted):
+    """policy_metrics for a sequence-level policy term: the clip fractions and mean ratio of GSPO's s_i on every
+    token (VESPO clips nothing; its mean_ratio is the tokens' r_t), the entropy and the KL as the loss has it."""
+    terms = op_pass.sequence
+    _, ratio = terms.loss_and_metrics()
+    token_sequence = terms.token_sequence
+    logps = op_pass.logps
+    token_ratio = torch.ones_like(logps) if old_logps is None else torch.exp(logps - old_logps)
+    if terms.objective == "gspo":
+        token_ratio = ratio[token_sequence]
+        advantages = terms.advantages[token_sequence]
+        clipped_low = (token_ratio < 1 - terms.eps_low) & (advantages < 0)
+        clipped_high = (token_ratio > 1 + terms.eps_high) & (advantages > 0)
+    else:
+        clipped_low = clipped_high = torch.zeros_like(logps, dtype=torch.bool)
+    metrics = {"clip_fraction_low": token_mean(clipped_low.float()),
+               "clip_fraction_high": token_mean(clipped_high.float()), "mean_ratio": token_mean(token_ratio),
+               "mean_entropy": token_mean(op_pass.entropy)}
+    if ref_logps is not None:
+        log_ref_ratio = ref_logps - logps
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        metrics["mean_kl"] = token_mean(token_ratio * kl if kl_importance_weighted else kl)
+    return metrics
 
 
 def policy_metrics(op_pass, tokens=None):
@@ -103,8 +153,9 @@ def policy_metrics(op_pass, tokens=None):
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
                     use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,
-                    sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None, return_metrics=False,
-                    impl=None, chunk_bytes=None):
+                    sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None,
+                    importance_sampling_level="token", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                    vespo_lambda_neg=2.0, return_metrics=False, impl=None, chunk_bytes=None):
     """Clipped policy-gradient loss of GRPO (DYPO paper eq. 3 / 21; DAPO's clip-higher with ``eps_high``) and the
     variants of TRL 1.16 and Liger-Kernel 0.8.5, never building the logits.
 
@@ -115,9 +166,13 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     clip), or for loss_type "cispo" P_t = -sg[min(r_t, eps_high)] A_i lp_t (MiniMax-M1's CISPO: the clipped ratio
     detached), or for "sapo" P_t = -(4 / tau) sigmoid(tau (r_t - 1)) A_i with tau = sapo_temperature_pos when
     A_i > 0, else sapo_temperature_neg (SAPO's soft gate); rho_t = ``vllm_is_ratio`` (1 when None), H_t the token's
-    entropy. Definitions as TRL's GRPOTrainer._compute_loss and Liger-Kernel's LigerFusedLinearGRPOLoss.
+    entropy. With importance_sampling_level="sequence" (GSPO) r_t is the sequence's s_i = exp(mean_t (lp_t - old_t)),
+    one ratio for all its tokens (and the bias-corrected KL is weighted by s_i); loss_type "vespo" has
+    P_t = -sg[phi_i] A_i lp_t with phi_i VESPO's gamma weight of the sequence's importance ratio (vllm_is_ratio
+    enters phi_i, not rho_t). Definitions as TRL's GRPOTrainer._compute_loss and Liger-Kernel's
+    LigerFusedLinearGRPOLoss.
     Aggregation over the tokens where ``mask`` is set: "grpo"/"sapo" the mean over each sequence's tokens, then over
-    the B sequences; "bnpo"/"dapo"/"cispo" the mean over all tokens ("dapo"/"cispo": divided by
+    the B sequences; "bnpo"/"dapo"/"cispo"/"vespo" the mean over all tokens ("dapo"/"cispo"/"vespo": divided by
     ``num_items_in_batch`` when given); "dr_grpo" the sum over B * max_len (max_len defaults to T); "luspo" the sum
     over each sequence's tokens, mean over the sequences. The entropy bonus is aggregated as the policy term, as
     verl's entropy_coeff is.
@@ -140,9 +195,12 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
         vllm_is_ratio: ``[B, T]`` or ``[B, 1]`` non-negative finite weights of the policy term: the truncated
             importance-sampling correction of rollouts sampled by another engine (TRL's importance_sampling_ratio).
-        num_items_in_batch: "dapo"/"cispo" only: the normaliser instead of this batch's token count (the tokens of
-            the whole generation batch, divided by the number of processes, as TRL passes it); a positive number or
-            a 0-dim tensor (read on the device, no sync).
+        importance_sampling_level: "token", or "sequence" (GSPO; not with cispo, sapo, vespo).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma shapes and rates (by the sign
+            of A).
+        num_items_in_batch: "dapo"/"cispo"/"vespo" only: the normaliser instead of this batch's token count (the
+            tokens of the whole generation batch, divided by the number of processes, as TRL passes it); a positive
+            number or a 0-dim tensor (read on the device, no sync).
         temperature: positive; the logits are divided by it.
         return_metrics: also return detached token means ``clip_fraction_low`` (r < 1 - eps_low with A < 0),
             ``clip_fraction_high`` (r > 1 + eps_high with A > 0; CISPO: r > eps_high; SAPO clips nothing),
@@ -155,6 +213,9 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
 
     Cost for N masked tokens (dropped before the projection): one sweep with the gradients formed in the forward,
     6NDV FLOP (2NDV under torch.no_grad; 8NDV with impl="fused"), every variant and the entropy bonus included.
+    GSPO and VESPO need a sequence's whole log-ratio before its tokens' gradients: each chunk holds whole sequences
+    (growing to hold one of up to 4 chunks' rows), and a longer sequence is swept ahead once without gradients
+    (+2 r D V for its r tokens); one more host sync (the sequences' sizes).
     Extra memory O(N*D + V*D + chunk_bytes), never N x V: the fp32 gradients of hidden and weight are held from the
     forward to the backward. One host sync (the input checks and the token count, read together), none inside the
     sweep. impl="chunked" is bitwise deterministic; "fused" adds tiles with atomics, so its last bits may vary
@@ -173,26 +234,54 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     mask = torch.ones(targets.shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     is_ratio = check_is_ratio(vllm_is_ratio, mask, checks)
     check_num_items(num_items_in_batch, loss_type, hidden.device, checks)
+    sequence_level = check_importance_sampling_level(importance_sampling_level, loss_type)
+    vespo_shapes = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    for name, value in zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), vespo_shapes):
+        check_number(name, value)
     backend = select_backend(hidden.device)
     impl = select_impl(impl, backend, hidden.device)
 
     tokens = checks.count(mask.sum())
     checks.run()
-    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, tokens.value)
+    plan = layout = None
+    if sequence_level:  # the sequences in sweep order, each whole in a chunk (or swept ahead)
+        plan, layout = sequence_plan(mask, weight, hidden.device, backend, impl, chunk_bytes)
+    kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, tokens.value,
+                                                              None if plan is None else plan.rows)
     weights = token_weights(loss_type, mask, sequence, max_len, num_tokens=num_items_in_batch)
-    terms = TokenTerms(pg_weight=weights, advantages=advantages.detach().float()[sequence],
-                       **policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures))
-    if old_logps is not None:
-        terms.old_logps = old_logps.detach().float().reshape(-1)[kept]
-    if ref_logps is not None:  # the KL is reported even when beta = 0
-        terms.ref_logps = ref_logps.detach().float().reshape(-1)[kept]
-        terms.kl_weight = beta * weights
+    token_advantages = advantages.detach().float()[sequence]
+    kept_old = None if old_logps is None else old_logps.detach().float().reshape(-1)[kept]
+    kept_ref = None if ref_logps is None else ref_logps.detach().float().reshape(-1)[kept]
+    kept_is_ratio = None if is_ratio is None else is_ratio.reshape(-1)[kept]
+    terms = TokenTerms(**policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures))
+    sequence_terms = None
+    if sequence_level:
+        sequence_terms = SequenceTerms(
+            "vespo" if loss_type == "vespo" else "gspo", torch.repeat_interleave(
+                torch.arange(plan.rows.shape[0], device=hidden.device), plan.lengths, output_size=tokens.value),
+            kept_old, weights if kept_is_ratio is None or loss_type == "vespo" else weights * kept_is_ratio,
+            advantages.detach().float()[plan.rows], plan.lengths.clamp(min=1).float(), eps_low=eps_low,
+            eps_high=eps_high, delta=delta, vespo_shapes=tuple(float(v) for v in vespo_shapes),
+            log_is_ratio=vespo_log_is_ratio(is_ratio, mask, plan.rows) if loss_type == "vespo" else None)
+        if kept_ref is not None and loss_type != "vespo":  # GSPO's KL is weighted by s_i: a sequence term
+            sequence_terms.kl_weights, sequence_terms.ref_logps = beta * weights, kept_ref
+            sequence_terms.kl_importance_weighted = use_bias_correction_kl
+    else:
+        terms.pg_weight, terms.advantages, terms.is_ratio = weights, token_advantages, kept_is_ratio
+    terms.old_logps = kept_old
+    if kept_ref is not None and (sequence_terms is None or loss_type == "vespo"):
+        terms.ref_logps, terms.kl_weight = kept_ref, beta * weights  # the KL is reported even when beta = 0
         terms.kl_importance_weighted = use_bias_correction_kl
-    if is_ratio is not None:
-        terms.is_ratio = is_ratio.reshape(-1)[kept]
     if entropy_coef:
         terms.entropy_weight = entropy_coef * weights
-    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms)
-    loss = sweep_loss(kept_hidden, weight, bias, op_pass,
-                      loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes), impl)
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, sequence=sequence_terms)
+    if sequence_level:
+        sequence_sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
+        chunks = sequence_chunks(plan, layout, kept_hidden.shape[0])
+    else:
+        chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
+    loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
+    if sequence_level:
+        return (loss, sequence_metrics(op_pass, kept_old, kept_ref, use_bias_correction_kl)) if return_metrics \
+            else loss
     return (loss, policy_metrics(op_pass)) if return_metrics else loss

@@ -1,13 +1,14 @@
-"""fused_grpo_loss's variants (CISPO, SAPO, LUSPO, the two-sided clip, vLLM's importance-sampling correction,
-num_items_in_batch) and its entropy bonus: against the float64 reference on every backend and impl, and against
-Liger-Kernel's LigerFusedLinearGRPOLoss (its uncompiled path runs on CPU) on the same inputs."""
+"""fused_grpo_loss's variants (CISPO, SAPO, LUSPO, VESPO, GSPO's sequence-level ratio, the two-sided clip, vLLM's
+importance-sampling correction, num_items_in_batch) and its entropy bonus: against the float64 reference on every
+backend and impl, and against Liger-Kernel's LigerFusedLinearGRPOLoss (its uncompiled path runs on CPU) on the same
+inputs."""
 
 import pytest
 import torch
 
 from dypo_kernels import fused_grpo_loss, reference
 from tests.batches import gradients
-from tests.conftest import HAS_CUDA, relative_error
+from tests.conftest import HAS_CUDA, relative_error, set_chunk_rows
 from tests.grpo.test_fused_grpo_loss import POLICIES, grpo_inputs
 
 
@@ -27,13 +28,24 @@ VARIANTS = {
     "vllm_is_ratio_sequences": dict(loss_type="grpo", vllm_is_ratio=is_ratio((5, 1))),
     "num_items_in_batch": dict(loss_type="dapo", num_items_in_batch=70),
     "num_items_in_batch_cispo": dict(loss_type="cispo", eps_high=1.2, num_items_in_batch=torch.tensor(55.0)),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", eps_high=0.05),
+    "gspo_luspo": dict(loss_type="luspo", importance_sampling_level="sequence", eps_high=0.05),
+    "gspo_dapo_delta": dict(loss_type="dapo", importance_sampling_level="sequence", delta=1.02),
+    "gspo_vllm_is_ratio": dict(loss_type="grpo", importance_sampling_level="sequence", vllm_is_ratio=is_ratio((5, 9))),
+    "vespo": dict(loss_type="vespo"),
+    "vespo_shapes": dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=1.5, vespo_k_neg=4.0,
+                         vespo_lambda_neg=3.0),
+    "vespo_vllm_is_ratio": dict(loss_type="vespo", vllm_is_ratio=is_ratio((5, 9)), num_items_in_batch=60),
 }
+SEQUENCE_LEVEL = [name for name, settings in VARIANTS.items()
+                  if settings.get("importance_sampling_level") == "sequence" or settings["loss_type"] == "vespo"]
 ENTROPY = {loss_type: dict(loss_type=loss_type, entropy_coef=0.3) for loss_type in
-           ("grpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo")}
+           ("grpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")}
 
 
 OPTIONS = ("delta", "vllm_is_ratio", "num_items_in_batch", "entropy_coef", "sapo_temperature_pos",
-           "sapo_temperature_neg")
+           "sapo_temperature_neg", "importance_sampling_level", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+           "vespo_lambda_neg")
 
 
 def on_device(settings, device):
@@ -57,6 +69,27 @@ def test_matches_float64_reference(backend, settings, policy):
     if without == settings:  # a loss type of its own: not the plain clipped objective
         without = dict(loss_type="dapo")
     assert relative_error(expected, reference.grpo_loss(*args, **kwargs, **without)) > 1e-3  # the inputs exercise it
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LEVEL)
+@pytest.mark.parametrize("chunk_rows", [2, 5], ids=["sequences swept ahead", "sequences whole in a chunk"])
+def test_sequence_level_ratios_in_small_chunks(backend, request, monkeypatch, name, chunk_rows):
+    """GSPO's and VESPO's weights need a sequence's whole log-ratio: chunks of 2 rows hold at most 8 tokens, so the
+    9-token sequences are swept ahead; chunks of 5 rows grow to hold each sequence whole."""
+    set_chunk_rows(monkeypatch, chunk_rows, 101, request.node.backend_name)
+    batch, advantages, kwargs = grpo_inputs(backend, POLICIES["off_policy_kl_corrected"])
+    batch["mask"][1] = True  # a sequence of 9 tokens
+    kwargs["mask"] = batch["mask"]
+    args = (batch["hidden"], batch["weight"], batch["targets"].clamp(min=0), advantages)
+    settings = on_device(VARIANTS[name], backend)
+    kwargs.update(eps_high=settings.pop("eps_high", kwargs["eps_high"]))
+    loss = fused_grpo_loss(*args, **kwargs, **settings)
+    expected = reference.grpo_loss(*args, **kwargs, **settings)
+    assert relative_error(loss, expected) < 1e-5
+    for grad_name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5, grad_name
+    with torch.no_grad():
+        assert relative_error(fused_grpo_loss(*args, **kwargs, **settings), expected) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(ENTROPY))
@@ -86,6 +119,8 @@ def test_matches_liger(name, policy):
     if settings["loss_type"] == "luspo":  # Liger's luspo weights every position by its sequence's length
         kwargs["mask"] = torch.ones_like(batch["mask"])
     call_options = {key: settings.pop(key) for key in ("vllm_is_ratio", "num_items_in_batch") if key in settings}
+    if settings["loss_type"] == "vespo" and "vllm_is_ratio" in call_options:  # Liger sums log rho over padding too
+        call_options["vllm_is_ratio"] = torch.where(kwargs["mask"], call_options["vllm_is_ratio"], 1.0)
     liger = LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, epsilon_low=0.2, epsilon_high=settings.get(
         "eps_high", 0.28), temperature=kwargs["temperature"], use_bias_correction_kl=kwargs.get(
         "use_bias_correction_kl", False), **{("epsilon_high" if key == "eps_high" else key): value
@@ -123,6 +158,11 @@ def test_matches_liger(name, policy):
     (dict(loss_type="dapo", num_items_in_batch=torch.tensor(0.0)), "num_items_in_batch must be positive"),
     (dict(entropy_coef=float("nan")), "entropy_coef"),
     (dict(loss_type="gspo"), "loss_type"),
+    (dict(importance_sampling_level="sentence"), "importance_sampling_level"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(loss_type="vespo", delta=2.0), "delta"),
+    (dict(loss_type="vespo", vespo_k_pos=float("inf")), "vespo_k_pos"),
 ])
 def test_bad_settings_raise_naming_the_argument(changes, match):
     hidden, weight = torch.randn(2, 4, 8), torch.randn(10, 8)
