@@ -123,7 +123,7 @@ def _boolean(value):
 
 def _check(config: Config, fail):
     from dypo_kernels.advantages import SCALES
-    from dypo_kernels.tokens import LOSS_TYPES
+    from dypo_kernels.combined import LOSS_TYPES
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,

@@ -22,6 +22,7 @@ from dypo_kernels.groups import group_ids
 from dypo_kernels.grpo import check_grpo_settings, check_is_ratio, policy_metrics, policy_terms
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
+from dypo_kernels.tokens import LOSS_TYPES as ALL_LOSS_TYPES
 from dypo_kernels.tokens import positions_of, select_tokens, token_weights
 from dypo_kernels.validation import (
     Checks,
@@ -32,6 +33,10 @@ from dypo_kernels.validation import (
     check_temperature,
     check_tensor,
 )
+
+# fused_grpo_loss's loss types but VESPO, whose per-sequence weights need each sequence whole in a chunk, as GAL's
+# groups do: the two chunkings are not combined
+LOSS_TYPES = tuple(loss_type for loss_type in ALL_LOSS_TYPES if loss_type != "vespo")
 
 
 def _check_routes(route, ids, checks):
@@ -184,6 +189,9 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     """
     if mask is None or group_index is None or rewards is None:
         raise ValueError("dypo_loss needs mask ([B, T]), rewards ([B]) and group_index ([B]); got None")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r} (vespo's "
+                         "sequence weights are fused_grpo_loss's only)")
     checks = Checks()
     check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
     batch_size, device = hidden.shape[0], hidden.device

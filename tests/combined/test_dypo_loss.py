@@ -280,6 +280,9 @@ def bad_settings():
         (dict(ref_logps=None), "ref_logps"),  # beta_kl > 0 needs them
         (dict(temperature=0), "temperature"),
         (dict(mask=torch.full((10, 8), 0.5)), "mask"),
+        (dict(loss_type="vespo"), "vespo's sequence weights are fused_grpo_loss's only"),
+        (dict(loss_type="cispo", delta=1.5), "delta"),
+        (dict(entropy_coef=float("inf")), "entropy_coef"),
         (dict(old_logps=torch.full((10, 8), float("nan"))), "old_logps"),
     ]
 
