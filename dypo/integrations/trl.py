@@ -22,10 +22,13 @@ What changes against GRPOTrainer, and nothing else:
   the generation batch's loss.
   GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL compares the policy's own
   sequence log-probs. Evaluation keeps TRL's own loss.
-Refused, because the fused loss would silently ignore them: FSDP and DeepSpeed ZeRO-3 (the lm_head weight is read
-outside the forward), vLLM's importance-sampling correction, tool masks, top_entropy_quantile < 1,
-off_policy_mask_threshold, delta, sequence-level importance sampling, entropy_coef, cast_lm_head_to_fp32, and models
-whose logits are not lm_head(last hidden state). Text-only models; tested on CPU with one process
+TRL's loss types grpo, bnpo, dr_grpo, dapo and its variants cispo (normalised as dapo), sapo and luspo (as grpo),
+with ``delta`` and the SAPO temperatures, are TRL's own loss when every group is mid and alpha is 1 (tested).
+Refused, because the fused loss would silently ignore them or mean something else: FSDP and DeepSpeed ZeRO-3 (the
+lm_head weight is read outside the forward), vLLM's importance-sampling correction (not testable here), tool masks,
+top_entropy_quantile < 1, off_policy_mask_threshold, sequence-level importance sampling and vespo (dypo_loss's RL part
+has token-level ratios only), entropy_coef (dypo_loss's bonus is verl's, not TRL's token mean), cast_lm_head_to_fp32,
+and models whose logits are not lm_head(last hidden state). Text-only models; tested on CPU with one process
 (tests/integrations/test_trl.py).
 
 The old and reference log-probs TRL computes under ``torch.no_grad`` (``_get_per_token_logps_and_entropies``) go
@@ -48,14 +51,19 @@ from dypo.metrics import LOSS_TERMS, WEIGHTS, read_metrics
 from dypo.policy import Runtime, check_head
 from dypo.routing import routes_of
 from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fused_linear_logprobs, group_advantages
-from dypo_kernels.tokens import LOSS_TYPES
+from dypo_kernels.combined import LOSS_TYPES
 
 # the per-token tensors of a micro-batch, [rows, completion width]
 COMPLETION_COLUMNS = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
                       "sampling_per_token_logps")
 # GRPOConfig options the fused loss cannot honour, with the value that is safe
-UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "delta": None,
-               "importance_sampling_level": "token", "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
+UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "importance_sampling_level": "token",
+               "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
+WHY = {"entropy_coef": "dypo_loss's entropy bonus is verl's (the RL rows' entropy aggregated as the loss type, "
+                       "within DYPO's prompt shares), not TRL's token mean over every completion",
+       "importance_sampling_level": "dypo_loss's RL part has token-level ratios only (GSPO is fused_grpo_loss's)"}
+# the loss types TRL normalises over the generation batch's tokens (num_items_in_batch)
+OVER_GENERATION = ("dapo", "cispo")
 
 
 # text-config fields by which a model's logits are not lm_head(last hidden state) (the ones TRL's fused head reads):
@@ -207,7 +215,9 @@ class DYPOTrainer(GRPOTrainer):
             raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
         for name, safe in UNSUPPORTED.items():
             if getattr(self.args, name, safe) != safe:
-                raise ValueError(f"DYPOTrainer does not support {name}={getattr(self.args, name)!r} (use {safe!r})")
+                reason = f": {WHY[name]}" if name in WHY else ""
+                raise ValueError(f"DYPOTrainer does not support {name}={getattr(self.args, name)!r} (use {safe!r})"
+                                 f"{reason}")
         if self.args.use_vllm and self.args.vllm_importance_sampling_correction:
             raise ValueError("DYPOTrainer does not apply vLLM's importance-sampling correction: set "
                              "vllm_importance_sampling_correction=False")
@@ -294,7 +304,7 @@ class DYPOTrainer(GRPOTrainer):
             batch = {name: value[order] if isinstance(value, torch.Tensor) and value.dim() > 0 and
                      value.size(0) == rows else value for name, value in batch.items()}
             self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
-            if self.loss_type == "dapo":  # the only loss type normalised by the generation batch
+            if self.loss_type in OVER_GENERATION:  # the loss types normalised by the generation batch
                 self._generation_totals = BatchTotals.combine(gather_object([self._batch_totals(batch)]))
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -326,7 +336,7 @@ class DYPOTrainer(GRPOTrainer):
         # TRL divides each micro-batch's loss by the accumulation steps; its dapo instead divides the generation
         # batch's tokens among the processes and the accumulation windows it spans, which the generation batch's
         # totals, and this factor on its parts, reproduce (DDP averages the processes' gradients)
-        if self.loss_type == "dapo":
+        if self.loss_type in OVER_GENERATION:
             totals = self._generation_totals
             scale = self.accelerator.num_processes * self.args.steps_per_generation / \
                 self.current_gradient_accumulation_steps
@@ -342,7 +352,10 @@ class DYPOTrainer(GRPOTrainer):
             eps_high=self.epsilon_high, loss_type=self.loss_type,
             bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
             temperature=self.temperature, use_bias_correction_kl=getattr(self.args, "use_bias_correction_kl", False),
-            batch_totals=totals, return_metrics=True)
+            delta=getattr(self.args, "delta", None),
+            sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
+            sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05), batch_totals=totals,
+            return_metrics=True)
         self._log_loss_metrics(metrics)
         return loss * scale
 
@@ -356,7 +369,7 @@ class DYPOTrainer(GRPOTrainer):
         train = self._metrics["train"]
         (values,) = read_metrics([metrics])
         logged = dict(WEIGHTS)
-        if self.loss_type == "dapo":
+        if self.loss_type in OVER_GENERATION:
             shares = torch.tensor([values[name] for name in LOSS_TERMS], device=self.accelerator.device)
             totals = self.accelerator.gather(shares).view(-1, len(LOSS_TERMS)).sum(0).tolist()
             for name, total in zip(LOSS_TERMS, totals):

@@ -62,8 +62,11 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
     torch.testing.assert_close(trainer._compute_loss(model, inputs), expected / 2, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, loss_type):
+@pytest.mark.parametrize("loss_type,options", [
+    ("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", dict(epsilon_high=1.1)), ("sapo", {}),
+    ("sapo", dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)), ("luspo", {}), ("dapo", dict(delta=1.05)),
+    ("grpo", dict(delta=1.02))], ids=lambda value: value if isinstance(value, str) else "-".join(value) or "default")
+def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, loss_type, options, monkeypatch):
     """All groups mid and alpha = 1: DYPO's loss is GRPO's, so each micro-batch's loss (and gradient) must be what
     TRL's GRPOTrainer computes, normalisation included: dapo over the generation batch's tokens, divided among the
     accumulation windows it spans; the others per micro-batch, divided by the accumulation steps; dr_grpo by
@@ -72,6 +75,8 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
 
     model = trainer.model.train()
     trainer.loss_type, trainer.alpha = loss_type, 1.0
+    for name, value in options.items():  # TRL reads epsilon_high from the trainer, the others from its args
+        monkeypatch.setattr(trainer if name == "epsilon_high" else trainer.args, name, value)
     trainer.args.steps_per_generation, trainer.current_gradient_accumulation_steps = 2, 2
     trainer._metrics["train"].clear()
     torch.manual_seed(2)
@@ -98,7 +103,7 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
         expected_grads = torch.autograd.grad(trls, [model.lm_head.weight])
         torch.testing.assert_close(ours, trls, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
-    if loss_type == "dapo":  # the logged term, averaged over the micro-batches, is the generation batch's
+    if loss_type == "dapo" and not options:  # the logged term, averaged over the micro-batches, is the generation's
         hidden = model.model(input_ids=torch.cat([generation["prompt_ids"], generation["completion_ids"]], 1),
                              attention_mask=torch.cat([generation["prompt_mask"], generation["completion_mask"]], 1)
                              ).last_hidden_state[:, 2:-1]
@@ -150,7 +155,7 @@ def test_teacher_draws_depend_on_seed_step_and_row_only(trainer):
 
 
 @pytest.mark.parametrize("option,value", [("top_entropy_quantile", 0.5), ("entropy_coef", 0.1),
-                                          ("loss_type", "cispo")])
+                                          ("loss_type", "vespo"), ("importance_sampling_level", "sequence")])
 def test_options_the_fused_loss_cannot_honour_are_refused(tmp_path, option, value):
     model_dir = save_tiny_qwen2(tmp_path / "model")
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
