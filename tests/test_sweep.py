@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dypo_kernels import Route, fused_linear_logprobs, fused_sft_loss, fused_sparse_teacher_kl
+from dypo_kernels import Route, fused_grpo_loss, fused_linear_logprobs, fused_sft_loss, fused_sparse_teacher_kl
 from dypo_kernels.sweep import Chunk, whole_group_chunks
 from tests.batches import OP_SIZES, OPS, gradients, op_inputs
 
@@ -194,6 +194,19 @@ def test_host_syncs_of_every_op(op, monkeypatch):
     with HostSyncs(monkeypatch) as syncs:
         gradients(ops[op][0](), batch)
     assert syncs.count == HOST_SYNCS[op]
+
+
+@pytest.mark.parametrize("settings", [dict(importance_sampling_level="sequence"), dict(loss_type="vespo")])
+def test_host_syncs_of_the_sequence_level_ratios(settings, monkeypatch):
+    """GSPO and VESPO: the checks with the token count, and the sequences' sizes for the whole-sequence chunks."""
+    monkeypatch.setenv("DYPO_KERNELS_BACKEND", "torch")
+    monkeypatch.setenv("DYPO_KERNELS_CHUNK_BYTES", str(5 * 12 * V))
+    operands, data = op_inputs("cpu")
+    with HostSyncs(monkeypatch) as syncs:
+        loss = fused_grpo_loss(operands["hidden"], operands["weight"], data["targets"], data["advantages"],
+                               mask=data["mask"], bias=operands["bias"], **settings)
+        gradients(loss, operands)
+    assert syncs.count == 2
 
 
 def test_host_syncs_of_the_sequence_ops(monkeypatch):
