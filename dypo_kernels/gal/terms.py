@@ -184,12 +184,18 @@ def gal_chunks(plan, layout, num_tokens):
     return with_waves(chunks, wave) or [Chunk(0, 0)]
 
 
-def sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
-    """For the groups too large for a chunk, when gradients are needed: their log-probs from a sweep without
-    gradients (2 r D V), and so their coefficients, before the main sweep."""
+def ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
+    """The log-probs of the plan's groups too large for a chunk, from a sweep without gradients (2 r D V), when
+    gradients are needed (None otherwise, or when every group fits a chunk)."""
     if plan.ahead_sequence == plan.rows.shape[0] or not torch.is_grad_enabled():
-        return
+        return None
     rows = slice(plan.chunked_tokens, plan.gal_tokens)
-    ahead = score(hidden[rows].detach(), weight.detach(), None if bias is None else bias.detach(),
-                  op_pass.targets[rows], op_pass.inv_temperature, op_pass.backend, impl, chunk_bytes)
-    op_pass.gal.sweep_ahead(plan, ahead.logps)
+    return score(hidden[rows].detach(), weight.detach(), None if bias is None else bias.detach(),
+                 op_pass.targets[rows], op_pass.inv_temperature, op_pass.backend, impl, chunk_bytes).logps
+
+
+def sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
+    """For the groups too large for a chunk: their coefficients before the main sweep (ahead_logps)."""
+    logps = ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes)
+    if logps is not None:
+        op_pass.gal.sweep_ahead(plan, logps)

@@ -23,8 +23,7 @@ from typing import Optional
 
 import torch
 
-from dypo_kernels.gal.terms import GROUP_GROWTH, gal_chunks, gal_layout, plan_gal
-from dypo_kernels.logprob_pass import score
+from dypo_kernels.gal.terms import GROUP_GROWTH, ahead_logps, gal_chunks, gal_layout, plan_gal
 
 LOG_MIN_WEIGHT = math.log(1e-8)
 
@@ -177,11 +176,7 @@ def sequence_chunks(plan, layout, num_tokens):
 
 
 def sequence_sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
-    """For the sequences too long for a chunk, when gradients are needed: their log-probs from a sweep without
-    gradients (2 r D V), and so their coefficients, before the main sweep."""
-    if plan.ahead_sequence == plan.rows.shape[0] or not torch.is_grad_enabled():
-        return
-    rows = slice(plan.chunked_tokens, plan.gal_tokens)
-    ahead = score(hidden[rows].detach(), weight.detach(), None if bias is None else bias.detach(),
-                  op_pass.targets[rows], op_pass.inv_temperature, op_pass.backend, impl, chunk_bytes)
-    op_pass.sequence.sweep_ahead(plan.ahead_sequence, plan.chunked_tokens, ahead.logps)
+    """For the sequences too long for a chunk: their coefficients before the main sweep (gal.terms.ahead_logps)."""
+    logps = ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes)
+    if logps is not None:
+        op_pass.sequence.sweep_ahead(plan.ahead_sequence, plan.chunked_tokens, logps)

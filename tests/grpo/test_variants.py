@@ -52,6 +52,16 @@ def on_device(settings, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in settings.items()}
 
 
+def assert_matches_reference(batch, args, kwargs, settings):
+    """The loss and its gradients within 1e-5 of float64's; returns float64's loss."""
+    loss = fused_grpo_loss(*args, **kwargs, **settings)
+    expected = reference.grpo_loss(*args, **kwargs, **settings)
+    assert relative_error(loss, expected) < 1e-5
+    for name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
+        assert relative_error(grad, ref) < 1e-5, name
+    return expected
+
+
 @pytest.mark.parametrize("settings", list(VARIANTS.values()) + list(ENTROPY.values()),
                          ids=list(VARIANTS) + [f"entropy_{name}" for name in ENTROPY])
 @pytest.mark.parametrize("policy", ["off_policy_kl", "off_policy_kl_corrected"])
@@ -60,11 +70,7 @@ def test_matches_float64_reference(backend, settings, policy):
     args = (batch["hidden"], batch["weight"], batch["targets"], advantages)
     settings = on_device(settings, backend)
     kwargs.update(eps_high=settings.pop("eps_high", kwargs["eps_high"]))
-    loss = fused_grpo_loss(*args, **kwargs, **settings)
-    expected = reference.grpo_loss(*args, **kwargs, **settings)
-    assert relative_error(loss, expected) < 1e-5
-    for name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
-        assert relative_error(grad, ref) < 1e-5, name
+    expected = assert_matches_reference(batch, args, kwargs, settings)
     without = {key: value for key, value in settings.items() if key not in OPTIONS}
     if without == settings:  # a loss type of its own: not the plain clipped objective
         without = dict(loss_type="dapo")
@@ -83,11 +89,7 @@ def test_sequence_level_ratios_in_small_chunks(backend, request, monkeypatch, na
     args = (batch["hidden"], batch["weight"], batch["targets"].clamp(min=0), advantages)
     settings = on_device(VARIANTS[name], backend)
     kwargs.update(eps_high=settings.pop("eps_high", kwargs["eps_high"]))
-    loss = fused_grpo_loss(*args, **kwargs, **settings)
-    expected = reference.grpo_loss(*args, **kwargs, **settings)
-    assert relative_error(loss, expected) < 1e-5
-    for grad_name, grad, ref in zip(("hidden", "weight", "bias"), gradients(loss, batch), gradients(expected, batch)):
-        assert relative_error(grad, ref) < 1e-5, grad_name
+    expected = assert_matches_reference(batch, args, kwargs, settings)
     with torch.no_grad():
         assert relative_error(fused_grpo_loss(*args, **kwargs, **settings), expected) < 1e-5
 
