@@ -212,7 +212,7 @@ class LogprobPass:
         if self.gal is not None:
             loss = loss + self.gal.scale * self.gal.loss_and_metrics()[0]
         if self.sequence is not None:
-            loss = loss + self.sequence.loss_and_metrics()[0]
+            loss = loss + self.sequence.scale * self.sequence.loss_and_metrics()[0]
         return loss
 
 

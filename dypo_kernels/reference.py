@@ -235,7 +235,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, entropy_coef=0.0,
               delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vllm_is_ratio=None,
-              dtype=torch.float64):
+              importance_sampling_level="token", dtype=torch.float64):
     """DYPO's routed objective, each part from the functions above on its own rows (route 1 = RL, 2 = SFT):
     (P_hard gamma L_SFT + P_mid (alpha L_GRPO + (1 - alpha) L_GAL - entropy_coef H_RL)) / (P_hard + P_mid), P the
     prompts (groups) of each route; L_SFT aggregates -lp over the SFT rows, and H_RL the RL rows' entropy, as
@@ -248,13 +248,13 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
                                 loss_type=loss_type, use_bias_correction_kl=use_bias_correction_kl, entropy=entropy,
                                 entropy_coef=entropy_coef, delta=delta,
                                 sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
-                                vllm_is_ratio=vllm_is_ratio)
+                                vllm_is_ratio=vllm_is_ratio, importance_sampling_level=importance_sampling_level)
 
 
 def dypo_loss_from_logps(token_logps, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
                          ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
                          loss_type="grpo", use_bias_correction_kl=False, entropy=None, entropy_coef=0.0, delta=None,
-                         sapo_temperatures=(1.0, 1.05), vllm_is_ratio=None):
+                         sapo_temperatures=(1.0, 1.05), vllm_is_ratio=None, importance_sampling_level="token"):
     """dypo_loss on token log-probs (and entropies) ``[B, T]`` already computed, in their dtype."""
     dtype = token_logps.dtype
     mask = mask.bool()
@@ -273,7 +273,8 @@ def dypo_loss_from_logps(token_logps, *, mask, route, rewards, group_index, adva
                                     eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
                                     use_bias_correction_kl=use_bias_correction_kl, delta=delta,
                                     sapo_temperatures=sapo_temperatures,
-                                    vllm_is_ratio=None if vllm_is_ratio is None else vllm_is_ratio[rl])
+                                    vllm_is_ratio=None if vllm_is_ratio is None else vllm_is_ratio[rl],
+                                    importance_sampling_level=importance_sampling_level)
         ref_seq = None if ref_logps is None else sequence_logprobs(ref_logps[rl].to(dtype), mask[rl])
         gal = gal_loss(sequence_logprobs(token_logps[rl], mask[rl]), rewards[rl], ref_seq_logps=ref_seq,
                        group_index=rl_group, beta=beta_gal, dtype=dtype)

@@ -19,7 +19,15 @@ from dypo_kernels.gal.terms import (
 )
 from dypo_kernels.grade import Route
 from dypo_kernels.groups import group_ids
-from dypo_kernels.grpo import check_grpo_settings, check_is_ratio, policy_metrics, policy_terms
+from dypo_kernels.grpo import (
+    check_grpo_settings,
+    check_importance_sampling_level,
+    check_is_ratio,
+    policy_metrics,
+    policy_terms,
+    sequence_metrics,
+)
+from dypo_kernels.grpo.sequence import SequenceTerms
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import LOSS_TYPES as ALL_LOSS_TYPES
@@ -137,7 +145,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, entropy_coef=0.0,
               delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vllm_is_ratio=None,
-              batch_totals=None, return_metrics=False, impl=None, chunk_bytes=None):
+              importance_sampling_level="token", batch_totals=None, return_metrics=False, impl=None,
+              chunk_bytes=None):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
@@ -163,8 +172,9 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         fused_grpo_loss (the variants "cispo", "sapo", "luspo" too: their objective on the RL rows, their
         aggregation on both parts); temperature > 0; use_bias_correction_kl: the KL term weighted by the ratio, as
         fused_grpo_loss. entropy_coef: the entropy bonus on the RL rows, H_RL aggregated as L_GRPO (not weighted by
-        alpha); delta, sapo_temperature_pos / _neg, vllm_is_ratio (``[B, T]`` or ``[B, 1]``, read on RL rows): as
-        fused_grpo_loss, for L_GRPO. Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies
+        alpha); delta, sapo_temperature_pos / _neg, vllm_is_ratio (``[B, T]`` or ``[B, 1]``, read on RL rows),
+        importance_sampling_level ("sequence": GSPO's one ratio per sequence): as fused_grpo_loss, for L_GRPO.
+        Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies
         outside the mask is not read.
         batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
@@ -219,6 +229,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     check_grpo_settings(beta_kl, eps_low, eps_high, loss_type, ref_logps, beta_name="beta_kl",
                         use_bias_correction_kl=use_bias_correction_kl, delta=delta,
                         sapo_temperatures=sapo_temperatures, entropy_coef=entropy_coef)
+    sequence_level = check_importance_sampling_level(importance_sampling_level, loss_type)
     backend = select_backend(device)
     impl = select_impl(impl, backend, device)
 
@@ -231,7 +242,9 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     share_rl, share_sft = whole.prompts_rl / prompts, whole.prompts_sft / prompts
     gal_fraction = here.gal_groups / whole.gal_groups if whole.gal_groups else 1.0  # of the whole's GAL groups
     with_gal = share_rl * (1 - alpha) > 0 and rl_rows.numel() > 0  # GAL's metrics even where this part has no pair
-    if with_gal:  # the RL rows in GAL's sweep order: whole groups per chunk
+    with_sequences = sequence_level and share_rl * alpha > 0 and rl_rows.numel() > 0  # GSPO's ratios
+    planned = with_gal or with_sequences
+    if planned:  # the RL rows in GAL's sweep order: whole groups (so whole sequences) per chunk
         layout = gal_layout(weight, device, backend, impl, chunk_bytes)
         plan = plan_gal(rl_rows, rl_group, mask[rl_rows].sum(-1), GROUP_GROWTH * layout[0])
         rl_rows, rl_group = plan.rows, plan.group
@@ -248,42 +261,59 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     token_advantages = torch.zeros(sequence.shape, dtype=torch.float32, device=device)
     if rl_rows.numel():
         token_advantages = torch.where(token_rl, rl_advantages[rl_rank[sequence].clamp(min=0)], 0.0)
-    terms = TokenTerms(pg_weight=share_rl * alpha * rl_weights, advantages=token_advantages,
-                       nll_weight=share_sft * gamma * sft_weights,
+    kept_old = None if old_logps is None else torch.where(token_rl, old_logps.detach().float().reshape(-1)[kept], 0.0)
+    kept_ref = None if ref_logps is None else torch.where(token_rl, ref_logps.detach().float().reshape(-1)[kept], 0.0)
+    kept_is_ratio = None if is_ratio is None else is_ratio.reshape(-1)[kept]
+    terms = TokenTerms(nll_weight=share_sft * gamma * sft_weights, old_logps=kept_old,
                        **policy_terms(loss_type, eps_low, eps_high, delta, sapo_temperatures))
-    if is_ratio is not None:
-        terms.is_ratio = is_ratio.reshape(-1)[kept]
     if entropy_coef:
         terms.entropy_weight = share_rl * entropy_coef * rl_weights
-    if old_logps is not None:
-        terms.old_logps = torch.where(token_rl, old_logps.detach().float().reshape(-1)[kept], 0.0)
-    if ref_logps is not None:
-        terms.ref_logps = torch.where(token_rl, ref_logps.detach().float().reshape(-1)[kept], 0.0)
-        terms.kl_weight = beta_kl * terms.pg_weight
-        terms.kl_importance_weighted = use_bias_correction_kl
+    sequence_terms = None
+    if with_sequences:  # GSPO: the RL tokens come first, sequence by sequence, in the plan's order
+        token_sequence = torch.full(sequence.shape, -1, dtype=torch.long, device=device)
+        token_sequence[:plan.gal_tokens] = torch.repeat_interleave(torch.arange(rl_rows.shape[0], device=device),
+                                                                   plan.lengths, output_size=plan.gal_tokens)
+        sequence_terms = SequenceTerms("gspo", token_sequence, kept_old,
+                                       rl_weights if kept_is_ratio is None else rl_weights * kept_is_ratio,
+                                       rl_advantages, plan.lengths.clamp(min=1).float(), eps_low=eps_low,
+                                       eps_high=eps_high, delta=delta, scale=share_rl * alpha)
+        if kept_ref is not None:
+            sequence_terms.kl_weights, sequence_terms.ref_logps = beta_kl * rl_weights, kept_ref
+            sequence_terms.kl_importance_weighted = use_bias_correction_kl
+    else:
+        terms.pg_weight, terms.advantages = share_rl * alpha * rl_weights, token_advantages
+        terms.is_ratio = kept_is_ratio
+        if kept_ref is not None:
+            terms.ref_logps, terms.kl_weight = kept_ref, beta_kl * terms.pg_weight
+            terms.kl_importance_weighted = use_bias_correction_kl
     gal = None
     if with_gal:
         ref_seq_logps = None if ref_logps is None else sequence_logprobs(ref_logps.detach()[rl_rows], mask[rl_rows],
                                                                          False)
         gal = GalTerms.of_plan(plan, kept.shape[0], rewards=rl_rewards, ref_seq_logps=ref_seq_logps, beta=beta_gal,
                                scale=share_rl * (1 - alpha) * gal_fraction)
-    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, gal=gal)
-    if gal is None:
-        chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
-    else:  # chunks of whole RL groups, then the SFT tokens: each computes its groups' GAL coefficients
+    op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, gal=gal, sequence=sequence_terms)
+    if planned:  # chunks of whole RL groups, then the SFT tokens: each computes its groups' coefficients
         sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
         chunks = gal_chunks(plan, layout, kept.shape[0])
+    else:
+        chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
     loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)
     if not return_metrics:
         return loss
-    policy_loss = op_pass.parts["policy_loss"]
-    if beta_kl > 0:
-        policy_loss = policy_loss + beta_kl * op_pass.parts["kl"]
-    metrics = {"loss_sft": -torch.where(token_sft, sft_weights * op_pass.logps, 0.0).sum(),
-               "loss_grpo": torch.where(token_rl, rl_weights * policy_loss, 0.0).sum(),
+    if sequence_terms is not None:
+        loss_grpo = sequence_terms.loss_and_metrics()[0].detach()
+        grpo_metrics = sequence_metrics(op_pass, kept_old, kept_ref, use_bias_correction_kl)
+    else:
+        policy_loss = op_pass.parts.get("policy_loss", torch.zeros_like(op_pass.logps))
+        if beta_kl > 0:
+            policy_loss = policy_loss + beta_kl * op_pass.parts["kl"]
+        loss_grpo = torch.where(token_rl, rl_weights * policy_loss, 0.0).sum()
+        grpo_metrics = policy_metrics(op_pass, tokens=token_rl)
+    metrics = {"loss_sft": -torch.where(token_sft, sft_weights * op_pass.logps, 0.0).sum(), "loss_grpo": loss_grpo,
                "loss_gal": torch.zeros((), device=device),
                "num_prompts_sft": here.prompts_sft, "num_prompts_rl": here.prompts_rl, "num_tokens_rl": token_rl.sum(),
-               **policy_metrics(op_pass, tokens=token_rl)}
+               **grpo_metrics}
     if gal is not None:
         gal_value, gal_metrics = gal.loss_and_metrics()
         metrics.update(loss_gal=gal_value.detach() * gal_fraction, **gal_metrics)

@@ -195,7 +195,13 @@ def ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
 
 
 def sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
-    """For the groups too large for a chunk: their coefficients before the main sweep (ahead_logps)."""
+    """For the groups too large for a chunk: their GAL coefficients, and those of a sequence-level policy term
+    (GSPO, VESPO: a plan with a group per sequence, or GAL's), before the main sweep, from one sweep without
+    gradients (ahead_logps)."""
     logps = ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes)
-    if logps is not None:
+    if logps is None:
+        return
+    if op_pass.gal is not None:
         op_pass.gal.sweep_ahead(plan, logps)
+    if op_pass.sequence is not None:
+        op_pass.sequence.sweep_ahead(plan.ahead_sequence, plan.chunked_tokens, logps)

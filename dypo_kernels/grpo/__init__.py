@@ -5,12 +5,12 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.gal.terms import sweep_ahead
 from dypo_kernels.grpo.sequence import (
     LOG_MIN_WEIGHT,
     SequenceTerms,
     sequence_chunks,
     sequence_plan,
-    sequence_sweep_ahead,
 )
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
@@ -112,12 +112,16 @@ def vespo_log_is_ratio(is_ratio, mask, rows):
 
 
 def sequence_metrics(op_pass, old_logps, ref_logps, kl_importance_weighted):
-    """policy_metrics for a sequence-level policy term: the clip fractions and mean ratio of GSPO's s_i on every
-    token (VESPO clips nothing; its mean_ratio is the tokens' r_t), the entropy and the KL as the loss has it."""
+    """policy_metrics for a sequence-level policy term, over its tokens: the clip fractions and mean ratio of GSPO's
+    s_i on every token (VESPO clips nothing; its mean_ratio is the tokens' r_t), the entropy and the KL as the loss
+    has it."""
     terms = op_pass.sequence
     _, ratio = terms.loss_and_metrics()
-    token_sequence = terms.token_sequence
-    logps = op_pass.logps
+    inside = terms.token_sequence >= 0
+    token_sequence = terms.token_sequence[inside]
+    logps = op_pass.logps[inside]
+    old_logps = None if old_logps is None else old_logps[inside]
+    ref_logps = None if ref_logps is None else ref_logps[inside]
     token_ratio = torch.ones_like(logps) if old_logps is None else torch.exp(logps - old_logps)
     if terms.objective == "gspo":
         token_ratio = ratio[token_sequence]
@@ -128,7 +132,7 @@ def sequence_metrics(op_pass, old_logps, ref_logps, kl_importance_weighted):
         clipped_low = clipped_high = torch.zeros_like(logps, dtype=torch.bool)
     metrics = {"clip_fraction_low": token_mean(clipped_low.float()),
                "clip_fraction_high": token_mean(clipped_high.float()), "mean_ratio": token_mean(token_ratio),
-               "mean_entropy": token_mean(op_pass.entropy)}
+               "mean_entropy": token_mean(op_pass.entropy[inside])}
     if ref_logps is not None:
         log_ref_ratio = ref_logps - logps
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
@@ -276,7 +280,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         terms.entropy_weight = entropy_coef * weights
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, sequence=sequence_terms)
     if sequence_level:
-        sequence_sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
+        sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
         chunks = sequence_chunks(plan, layout, kept_hidden.shape[0])
     else:
         chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)

@@ -23,15 +23,16 @@ from typing import Optional
 
 import torch
 
-from dypo_kernels.gal.terms import GROUP_GROWTH, ahead_logps, gal_chunks, gal_layout, plan_gal
+from dypo_kernels.gal.terms import GROUP_GROWTH, gal_chunks, gal_layout, plan_gal
 
 LOG_MIN_WEIGHT = math.log(1e-8)
 
 
 @dataclass
 class SequenceTerms:
-    """The sequence-level policy term (and, for GSPO, the KL term) of a sweep over S sequences whose N tokens come
-    sequence by sequence (``token_sequence`` [N]: 0..S-1). Per token: ``old_logps`` (None: on-policy), ``weights``
+    """The sequence-level policy term (and, for GSPO, the KL term) of a sweep over S sequences whose tokens come
+    first, sequence by sequence (``token_sequence`` [N]: 0..S-1, -1 for the pass's other tokens), scaled by
+    ``scale`` in the loss. Per token: ``old_logps`` (None: on-policy), ``weights``
     (w_t, times rho_t for GSPO), ``kl_weights`` and ``ref_logps`` (GSPO's KL; None without). Per sequence:
     ``advantages``, ``lengths`` (n_i >= 1), ``log_is_ratio`` (VESPO's clamped sum of log rho; None without)."""
 
@@ -49,6 +50,7 @@ class SequenceTerms:
     eps_high: float = 0.2
     delta: Optional[float] = None
     vespo_shapes: tuple = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
+    scale: float = 1.0
     log_ratio: Optional[torch.Tensor] = None
     weighted_logps: Optional[torch.Tensor] = None
     kl_sums: Optional[torch.Tensor] = None
@@ -58,8 +60,9 @@ class SequenceTerms:
         count, device = self.advantages.shape[0], self.advantages.device
         self.log_ratio, self.weighted_logps, self.kl_sums = (
             torch.zeros(count, dtype=torch.float32, device=device) for _ in range(3))
+        inside = self.token_sequence >= 0
         self.sequence_weights = torch.zeros(count, dtype=torch.float32, device=device).index_add_(
-            0, self.token_sequence, self.weights)
+            0, torch.where(inside, self.token_sequence, 0), torch.where(inside, self.weights, 0.0))
 
     def _token_log_ratio(self, rows, logps):
         if self.old_logps is None:  # on-policy: the ratio of a detached copy, 1 (its gradient is not 0)
@@ -73,10 +76,12 @@ class SequenceTerms:
 
     def _accumulate(self, rows, sequence, logps, into):
         log_ratio, weighted_logps, kl_sums = into
-        log_ratio.index_add_(0, sequence, self._token_log_ratio(rows, logps))
-        weighted_logps.index_add_(0, sequence, self.weights[rows] * logps)
+        inside = sequence >= 0
+        index = torch.where(inside, sequence, 0)
+        log_ratio.index_add_(0, index, torch.where(inside, self._token_log_ratio(rows, logps), 0.0))
+        weighted_logps.index_add_(0, index, torch.where(inside, self.weights[rows] * logps, 0.0))
         if self.kl_weights is not None:
-            kl_sums.index_add_(0, sequence, self.kl_weights[rows] * self._kl(rows, logps)[0])
+            kl_sums.index_add_(0, index, torch.where(inside, self.kl_weights[rows] * self._kl(rows, logps)[0], 0.0))
 
     def _ratio(self, log_ratio, sequences):
         """GSPO's s_i, or VESPO's phi_i, of ``sequences`` from their log-ratio sums."""
@@ -135,7 +140,8 @@ class SequenceTerms:
             shared, kl_factor = self._sequence_coefficients(sequences, self.log_ratio[first:last],
                                                             self.kl_sums[first:last])
             local = torch.where(held, sequence - first, 0)
-            gradient += torch.where(held, self._token_gradient(rows, local, logps, shared, kl_factor), 0.0)
+            gradient += self.scale * torch.where(held, self._token_gradient(rows, local, logps, shared, kl_factor),
+                                                 0.0)
         return gradient
 
     def sweep_ahead(self, first_sequence, first_token, token_logps):
@@ -149,10 +155,12 @@ class SequenceTerms:
         shared, kl_factor = self._sequence_coefficients(torch.arange(first_sequence, self.advantages.shape[0],
                                                                      device=token_logps.device), sums[0], sums[2])
         self.token_coefficient = torch.zeros(self.token_sequence.shape, dtype=torch.float32, device=sums[0].device)
-        self.token_coefficient[rows] = self._token_gradient(rows, sequence, token_logps, shared, kl_factor)
+        self.token_coefficient[rows] = self.scale * self._token_gradient(rows, sequence, token_logps, shared,
+                                                                         kl_factor)
 
     def loss_and_metrics(self):
-        """The term's value over all sequences (after the sweep) and its per-sequence ratio (s_i or phi_i)."""
+        """The term's value over all sequences (after the sweep; not scaled) and its per-sequence ratio (s_i or
+        phi_i)."""
         sequences = torch.arange(self.advantages.shape[0], device=self.advantages.device)
         ratio = self._ratio(self.log_ratio, sequences)
         if self.objective == "vespo":
@@ -173,10 +181,3 @@ def sequence_plan(mask, weight, device, backend, impl, chunk_bytes):
 
 def sequence_chunks(plan, layout, num_tokens):
     return gal_chunks(plan, layout, num_tokens)
-
-
-def sequence_sweep_ahead(op_pass, plan, hidden, weight, bias, impl, chunk_bytes):
-    """For the sequences too long for a chunk: their coefficients before the main sweep (gal.terms.ahead_logps)."""
-    logps = ahead_logps(op_pass, plan, hidden, weight, bias, impl, chunk_bytes)
-    if logps is not None:
-        op_pass.sequence.sweep_ahead(plan.ahead_sequence, plan.chunked_tokens, logps)

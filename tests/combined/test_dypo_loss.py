@@ -59,7 +59,11 @@ RL_VARIANTS = {"cispo": dict(loss_type="cispo", eps_high=1.1), "sapo": dict(loss
                "luspo": dict(loss_type="luspo"), "delta": dict(loss_type="dapo", delta=1.05),
                "vllm_is_ratio": dict(loss_type="grpo", vllm_is_ratio="tokens"),
                "entropy_grpo": dict(loss_type="grpo", entropy_coef=0.3),
-               "entropy_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.3)}
+               "entropy_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.3),
+               "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", eps_high=0.05),
+               "gspo_corrected_kl": dict(loss_type="dapo", importance_sampling_level="sequence",
+                                         use_bias_correction_kl=True, beta_kl=1.0, vllm_is_ratio="tokens"),
+               "gspo_without_gal": dict(loss_type="luspo", importance_sampling_level="sequence", alpha=1.0)}
 
 
 @pytest.mark.parametrize("variant", list(RL_VARIANTS))
