@@ -23,13 +23,13 @@ What changes against GRPOTrainer, and nothing else:
   GAL's reference term exists when TRL has a reference model (``beta`` > 0), else GAL compares the policy's own
   sequence log-probs. Evaluation keeps TRL's own loss.
 TRL's loss types grpo, bnpo, dr_grpo, dapo and its variants cispo (normalised as dapo), sapo and luspo (as grpo),
-with ``delta`` and the SAPO temperatures, are TRL's own loss when every group is mid and alpha is 1 (tested).
+with ``delta``, the SAPO temperatures, sequence-level importance sampling (GSPO) and vLLM's importance-sampling
+correction, are TRL's own loss when every group is mid and alpha is 1 (tested).
 Refused, because the fused loss would silently ignore them or mean something else: FSDP and DeepSpeed ZeRO-3 (the
-lm_head weight is read outside the forward), vLLM's importance-sampling correction (not testable here), tool masks,
-top_entropy_quantile < 1, off_policy_mask_threshold, sequence-level importance sampling and vespo (dypo_loss's RL part
-has token-level ratios only), entropy_coef (dypo_loss's bonus is verl's, not TRL's token mean), cast_lm_head_to_fp32,
-and models whose logits are not lm_head(last hidden state). Text-only models; tested on CPU with one process
-(tests/integrations/test_trl.py).
+lm_head weight is read outside the forward), tool masks, top_entropy_quantile < 1, off_policy_mask_threshold, vespo
+(fused_grpo_loss has it; dypo_loss does not), entropy_coef (dypo_loss's bonus is verl's, not TRL's token mean),
+cast_lm_head_to_fp32, and models whose logits are not lm_head(last hidden state). Text-only models; tested on CPU
+with one process (tests/integrations/test_trl.py).
 
 The old and reference log-probs TRL computes under ``torch.no_grad`` (``_get_per_token_logps_and_entropies``) go
 through ``fused_linear_logprobs`` on the decoder's last hidden states: 2NDV FLOP and no [tokens, vocab] tensor (TRL
@@ -52,16 +52,18 @@ from dypo.policy import Runtime, check_head
 from dypo.routing import routes_of
 from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fused_linear_logprobs, group_advantages
 from dypo_kernels.combined import LOSS_TYPES
+from dypo_kernels.grpo import check_importance_sampling_level
 
 # the per-token tensors of a micro-batch, [rows, completion width]
 COMPLETION_COLUMNS = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
                       "sampling_per_token_logps")
 # GRPOConfig options the fused loss cannot honour, with the value that is safe
-UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "importance_sampling_level": "token",
-               "entropy_coef": 0.0, "cast_lm_head_to_fp32": False}
+UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
+               "cast_lm_head_to_fp32": False}
 WHY = {"entropy_coef": "dypo_loss's entropy bonus is verl's (the RL rows' entropy aggregated as the loss type, "
-                       "within DYPO's prompt shares), not TRL's token mean over every completion",
-       "importance_sampling_level": "dypo_loss's RL part has token-level ratios only (GSPO is fused_grpo_loss's)"}
+                       "within DYPO's prompt shares), not TRL's token mean over every completion"}
+# vLLM's importance-sampling ratio: [rows, completion width] for TRL's token modes, [rows, 1] for its sequence modes
+IS_RATIO = "importance_sampling_ratio"
 # the loss types TRL normalises over the generation batch's tokens (num_items_in_batch)
 OVER_GENERATION = ("dapo", "cispo")
 
@@ -218,9 +220,7 @@ class DYPOTrainer(GRPOTrainer):
                 reason = f": {WHY[name]}" if name in WHY else ""
                 raise ValueError(f"DYPOTrainer does not support {name}={getattr(self.args, name)!r} (use {safe!r})"
                                  f"{reason}")
-        if self.args.use_vllm and self.args.vllm_importance_sampling_correction:
-            raise ValueError("DYPOTrainer does not apply vLLM's importance-sampling correction: set "
-                             "vllm_importance_sampling_correction=False")
+        check_importance_sampling_level(self.importance_sampling_level, self.loss_type)
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
             raise ValueError("DYPOTrainer reads lm_head.weight outside the forward: FSDP and DeepSpeed ZeRO-3 would "
@@ -287,6 +287,9 @@ class DYPOTrainer(GRPOTrainer):
         for name in COMPLETION_COLUMNS:
             if output.get(name) is not None and output[name].size(1) < width:
                 output[name] = torch.nn.functional.pad(output[name], (0, width - output[name].size(1)))
+        ratio = output.get(IS_RATIO)
+        if ratio is not None and 1 < ratio.size(1) < width:  # a token-level ratio: 1 on the new columns
+            output[IS_RATIO] = torch.nn.functional.pad(ratio, (0, width - ratio.size(1)), value=1.0)
         for row, ids in teacher_rows.items():
             output["completion_ids"][row] = 0
             output["completion_ids"][row, :len(ids)] = torch.tensor(ids)
@@ -352,7 +355,8 @@ class DYPOTrainer(GRPOTrainer):
             eps_high=self.epsilon_high, loss_type=self.loss_type,
             bias=None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype),
             temperature=self.temperature, use_bias_correction_kl=getattr(self.args, "use_bias_correction_kl", False),
-            delta=getattr(self.args, "delta", None),
+            delta=getattr(self.args, "delta", None), importance_sampling_level=self.importance_sampling_level,
+            vllm_is_ratio=inputs.get(IS_RATIO) if self.use_vllm and self.vllm_importance_sampling_correction else None,
             sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
             sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05), batch_totals=totals,
             return_metrics=True)
@@ -387,5 +391,6 @@ def _without_trailing_padding(inputs):
     width = int(used.max()) + 1 if used.numel() else 1
     if width == mask.size(1):
         return inputs
-    return {name: value[:, :width] if name in COMPLETION_COLUMNS and value is not None else value
+    return {name: value[:, :width] if value is not None and (name in COMPLETION_COLUMNS or
+                                                            name == IS_RATIO and value.size(1) > 1) else value
             for name, value in inputs.items()}

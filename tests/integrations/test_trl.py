@@ -65,7 +65,11 @@ def test_the_loss_on_a_fixed_batch_is_dypo_loss(trainer):
 @pytest.mark.parametrize("loss_type,options", [
     ("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", dict(epsilon_high=1.1)), ("sapo", {}),
     ("sapo", dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)), ("luspo", {}), ("dapo", dict(delta=1.05)),
-    ("grpo", dict(delta=1.02))], ids=lambda value: value if isinstance(value, str) else "-".join(value) or "default")
+    ("grpo", dict(delta=1.02)), ("grpo", dict(importance_sampling_level="sequence")),
+    ("luspo", dict(importance_sampling_level="sequence")), ("dapo", dict(importance_sampling_ratio="tokens")),
+    ("grpo", dict(importance_sampling_ratio="sequences")),
+    ("grpo", dict(importance_sampling_level="sequence", importance_sampling_ratio="sequences"))],
+    ids=lambda value: value if isinstance(value, str) else "-".join(value) or "default")
 def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, loss_type, options, monkeypatch):
     """All groups mid and alpha = 1: DYPO's loss is GRPO's, so each micro-batch's loss (and gradient) must be what
     TRL's GRPOTrainer computes, normalisation included: dapo over the generation batch's tokens, divided among the
@@ -75,8 +79,14 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
 
     model = trainer.model.train()
     trainer.loss_type, trainer.alpha = loss_type, 1.0
-    for name, value in options.items():  # TRL reads epsilon_high from the trainer, the others from its args
-        monkeypatch.setattr(trainer if name == "epsilon_high" else trainer.args, name, value)
+    options = dict(options)
+    ratio_kind = options.pop("importance_sampling_ratio", None)
+    if ratio_kind:  # as if the rollouts came from vLLM, with its correction on
+        monkeypatch.setattr(trainer, "use_vllm", True)
+        monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
+    for name, value in options.items():  # TRL reads these from the trainer, the others from its args
+        on_trainer = name in ("epsilon_high", "importance_sampling_level")
+        monkeypatch.setattr(trainer if on_trainer else trainer.args, name, value)
     trainer.args.steps_per_generation, trainer.current_gradient_accumulation_steps = 2, 2
     trainer._metrics["train"].clear()
     torch.manual_seed(2)
@@ -94,6 +104,9 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
                   "route": torch.full((rows,), int(Route.RL)),
                   "old_per_token_logps": columns(-torch.rand(rows, width) - 1),
                   "ref_per_token_logps": columns(-torch.rand(rows, width) - 1)}
+    if ratio_kind:
+        ratio = torch.rand(rows, width if ratio_kind == "tokens" else 1) + 0.5
+        generation["importance_sampling_ratio"] = columns(ratio) if ratio_kind == "tokens" else ratio
     trainer._generation_totals = trainer._batch_totals(generation)
     for half in (slice(0, 4), slice(4, 8)):
         inputs = {name: value[half] for name, value in generation.items()}
@@ -103,7 +116,7 @@ def test_rl_only_with_alpha_one_is_trls_own_loss_for_every_loss_type(trainer, lo
         expected_grads = torch.autograd.grad(trls, [model.lm_head.weight])
         torch.testing.assert_close(ours, trls, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
-    if loss_type == "dapo" and not options:  # the logged term, averaged over the micro-batches, is the generation's
+    if loss_type == "dapo" and not options and not ratio_kind:  # the logged term (mean of the micro-batches)
         hidden = model.model(input_ids=torch.cat([generation["prompt_ids"], generation["completion_ids"]], 1),
                              attention_mask=torch.cat([generation["prompt_mask"], generation["completion_mask"]], 1)
                              ).last_hidden_state[:, 2:-1]
@@ -155,7 +168,7 @@ def test_teacher_draws_depend_on_seed_step_and_row_only(trainer):
 
 
 @pytest.mark.parametrize("option,value", [("top_entropy_quantile", 0.5), ("entropy_coef", 0.1),
-                                          ("loss_type", "vespo"), ("importance_sampling_level", "sequence")])
+                                          ("loss_type", "vespo")])
 def test_options_the_fused_loss_cannot_honour_are_refused(tmp_path, option, value):
     model_dir = save_tiny_qwen2(tmp_path / "model")
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
@@ -172,3 +185,21 @@ def test_groups_must_fit_whole_in_a_batch(tmp_path):
     with pytest.raises(ValueError, match="must be a multiple of num_generations"):
         DYPOTrainer(model=str(model_dir), reward_funcs=right_answer, args=args,
                     train_dataset=Dataset.from_list([{"prompt": "1+1=", "ground_truth": "2", "target": ["2"]}] * 4))
+
+
+@pytest.mark.parametrize("width", [3, 1], ids=["token-level ratio", "sequence-level ratio"])
+def test_vllm_ratios_follow_the_completion_columns(width):
+    """A teacher solution longer than the rollouts widens the completions: a token-level importance-sampling ratio
+    gets 1 on the new columns and a sequence-level one stays [rows, 1]; trimming the trailing padding trims it."""
+    from dypo.integrations.trl import _without_trailing_padding
+
+    output = {"completion_ids": torch.ones(2, 3, dtype=torch.long),
+              "completion_mask": torch.ones(2, 3, dtype=torch.long),
+              "importance_sampling_ratio": torch.full((2, width), 0.5)}
+    DYPOTrainer._put_teacher_solutions(output, {1: [7, 7, 7, 7, 7]})
+    ratio = output["importance_sampling_ratio"]
+    assert ratio.shape == ((2, 5) if width == 3 else (2, 1))
+    if width == 3:
+        assert ratio[:, 3:].eq(1.0).all() and ratio[:, :3].eq(0.5).all()
+    output["completion_mask"][1, 4:] = 0
+    assert _without_trailing_padding(output)["importance_sampling_ratio"].shape == ((2, 4) if width == 3 else (2, 1))
