@@ -103,6 +103,7 @@ class Config:
     entropy_coef: float = option(0.0, "entropy bonus on the RL rows, aggregated as the policy loss (verl's "
                                       "entropy_coeff)")
     delta: float = option(0.0, "two-sided clip: cap of the ratio in the unclipped branch (INTELLECT-2); 0: none")
+    importance_sampling_level: str = option("token", "token, or sequence (GSPO: one ratio per rollout)")
     sapo_temperature_pos: float = option(1.0, "loss_type sapo: gate temperature for positive advantages")
     sapo_temperature_neg: float = option(1.05, "loss_type sapo: gate temperature for negative advantages")
     scale_rewards: str = option("group", "advantage scaling: group, batch, none (Dr.GRPO)")
@@ -127,6 +128,7 @@ def _check(config: Config, fail):
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
+               "importance_sampling_level": ("token", "sequence"),
                "use_liger_kernel": SWITCHES}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
@@ -159,6 +161,8 @@ def _check(config: Config, fail):
             fail(f"{name} must be positive; got {getattr(config, name)}")
     if config.delta and config.loss_type in ("cispo", "sapo"):
         fail(f"delta caps the ratio of the clipped objective; loss_type {config.loss_type} has none")
+    if config.importance_sampling_level == "sequence" and config.loss_type in ("cispo", "sapo"):
+        fail(f"importance_sampling_level sequence is not defined for loss_type {config.loss_type}")
     for name in ("gamma", "beta_gal", "beta", "epsilon_high", "delta", "switch_gate", "weight_decay", "num_samples",
                  "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "vllm_max_model_length"):
         if getattr(config, name) < 0:

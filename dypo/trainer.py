@@ -226,6 +226,7 @@ class Trainer:
             beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, loss_type=config.loss_type,
             bias=bias, temperature=config.temperature, use_bias_correction_kl=config.use_bias_correction_kl,
             entropy_coef=config.entropy_coef, delta=config.delta or None,
+            importance_sampling_level=config.importance_sampling_level,
             sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
             batch_totals=totals, return_metrics=True))
 

@@ -49,6 +49,8 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
     (["--loss_type", "sapo", "--delta", "1.5"], "delta caps the ratio of the clipped objective"),
     (["--sapo_temperature_pos", "0"], "sapo_temperature_pos must be positive"),
     (["--delta", "-1"], "delta must be >= 0"),
+    (["--importance_sampling_level", "sentence"], "importance_sampling_level must be one of token, sequence"),
+    (["--loss_type", "cispo", "--importance_sampling_level", "sequence"], "importance_sampling_level sequence is not"),
     (["--scale_rewards", "std"], "scale_rewards must be one of group, batch, none"),
     (["--max_steps", "0"], "max_steps must be a positive integer"),
     (["--epsilon", "1"], "epsilon must lie in [0, 1)"),

@@ -143,10 +143,12 @@ def test_variant_options_reach_dypo_loss(tmp_path, monkeypatch):
     real = dypo.trainer.dypo_loss
     monkeypatch.setattr(dypo.trainer, "dypo_loss",
                         lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
-    main(["--max_steps", "2", "--eval_prompts", "2", "--loss_type", "sapo", "--entropy_coef", "0.01",
-          "--sapo_temperature_neg", "2", "--output_dir", str(tmp_path / "run")])
-    assert seen and all(kwargs["loss_type"] == "sapo" and kwargs["entropy_coef"] == 0.01 and kwargs["delta"] is None
-                        and kwargs["sapo_temperature_neg"] == 2.0 for kwargs in seen)
+    main(["--max_steps", "2", "--eval_prompts", "2", "--loss_type", "luspo", "--entropy_coef", "0.01",
+          "--sapo_temperature_neg", "2", "--importance_sampling_level", "sequence", "--output_dir",
+          str(tmp_path / "run")])
+    assert seen and all(kwargs["loss_type"] == "luspo" and kwargs["entropy_coef"] == 0.01 and kwargs["delta"] is None
+                        and kwargs["sapo_temperature_neg"] == 2.0 and kwargs["importance_sampling_level"] == "sequence"
+                        for kwargs in seen)
 
 
 def test_a_short_run_writes_its_run_directory(tmp_path):
