@@ -19,13 +19,13 @@ def positions_of(flags, count):
     return positions.scatter_(0, rank, torch.arange(flags.shape[0], device=flags.device))[:count]
 
 
-def select_tokens(hidden, targets, mask, count, rows=None):
+def select_tokens(hidden, targets, mask, count, rows=None, packed=None):
     """The tokens a loss uses, dropped to ``[N, D]`` rows before any projection.
 
-    hidden ``[B, T, D]``, targets and mask ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in
-    order); ``count``: the number of their tokens where ``mask`` is set (a host int the op read with its checks).
-    Returns (flat index into B*T, sequence of each token, hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64).
-    No host sync.
+    hidden ``[B, T, D]`` (or packed rows ``[N', D]`` with ``packed``, their packing.Packed layout), targets and mask
+    ``[B, T]``; ``rows``: the sequences to take, in this order (None: all, in order); ``count``: the number of their
+    tokens where ``mask`` is set (a host int the op read with its checks). Returns (flat index into B*T, sequence of
+    each token, hidden rows ``[N, D]`` contiguous, targets ``[N]`` int64). No host sync.
     """
     length = targets.shape[-1]
     if rows is None:
@@ -34,7 +34,8 @@ def select_tokens(hidden, targets, mask, count, rows=None):
         within = positions_of(mask[rows].reshape(-1), count)
         kept = rows[torch.div(within, length, rounding_mode="floor")] * length + within % length
     sequence = torch.div(kept, length, rounding_mode="floor")
-    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).contiguous()
+    hidden_rows = kept if packed is None else packed.index.reshape(-1)[kept]
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_rows).contiguous()
     kept_targets = targets.reshape(-1).index_select(0, kept).long().contiguous()
     return kept, sequence, kept_hidden, kept_targets
 

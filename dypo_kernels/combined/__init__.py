@@ -29,6 +29,7 @@ from dypo_kernels.grpo import (
 )
 from dypo_kernels.grpo.sequence import SequenceTerms
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.packing import sequence_inputs, unpack
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import LOSS_TYPES as ALL_LOSS_TYPES
 from dypo_kernels.tokens import positions_of, select_tokens, token_weights
@@ -37,7 +38,6 @@ from dypo_kernels.validation import (
     Count,
     check_number,
     check_per_sequence,
-    check_sequence_batch,
     check_temperature,
     check_tensor,
 )
@@ -105,9 +105,13 @@ def _count_totals(checks, mask, is_rl, is_sft, rewards, ids):
                                                                checks.count((highest > lowest).sum())]
 
 
-def batch_totals(*, mask, route, rewards, group_index):
-    """BatchTotals of one batch (the arguments as dypo_loss's); combine the parts' with BatchTotals.combine. One
-    host sync."""
+def batch_totals(*, mask, route, rewards, group_index, cu_seqlens=None):
+    """BatchTotals of one batch (the arguments as dypo_loss's, packed with ``cu_seqlens``); combine the parts' with
+    BatchTotals.combine. One host sync (two packed)."""
+    if cu_seqlens is not None:
+        check_tensor("mask", mask, dims=(1,))
+        packed = unpack(cu_seqlens, mask.shape[0], mask.device)
+        mask = packed.pad(mask.bool(), False)
     checks = Checks()
     ids, _ = group_ids(route.shape[0], route.device, None, group_index, checks)
     is_rl, is_sft = _check_routes(route, ids, checks)
@@ -145,8 +149,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, entropy_coef=0.0,
               delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vllm_is_ratio=None,
-              importance_sampling_level="token", batch_totals=None, return_metrics=False, impl=None,
-              chunk_bytes=None):
+              importance_sampling_level="token", cu_seqlens=None, batch_totals=None, return_metrics=False,
+              impl=None, chunk_bytes=None):
     """DYPO's objective (paper section 3, eq. 4) over a batch that mixes the rollouts of mid prompts and the teacher
     trajectories of hard prompts, in one sweep over the vocabulary.
 
@@ -176,6 +180,9 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         importance_sampling_level ("sequence": GSPO's one ratio per sequence): as fused_grpo_loss, for L_GRPO.
         Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies
         outside the mask is not read.
+        cu_seqlens: padding-free input (``[S + 1]`` offsets from 0 to N, flash-attn's convention): hidden ``[N, D]``,
+            targets, mask, old_logps, ref_logps and vllm_is_ratio ``[N]``; route, rewards, group_index and
+            advantages ``[S]``; dr_grpo's T is the longest sequence. One more host sync (the offsets).
         batch_totals: ``BatchTotals`` of a whole batch this one is a part of (whole groups; see batch_totals and
             BatchTotals.combine): every term is normalised over the whole batch (prompt shares, sequences, tokens,
             dr_grpo's width, GAL's groups), so the parts' losses, gradients and loss_* metrics add up to the whole
@@ -203,8 +210,14 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r} (vespo's "
                          "sequence weights are fused_grpo_loss's only)")
     checks = Checks()
-    check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
-    batch_size, device = hidden.shape[0], hidden.device
+    packed_ratio = cu_seqlens is not None and isinstance(vllm_is_ratio, torch.Tensor) and vllm_is_ratio.dim() == 1
+    packed, batch_size, targets, mask, per_token = sequence_inputs(
+        hidden, weight, bias, targets, mask, cu_seqlens, checks, old_logps=old_logps, ref_logps=ref_logps,
+        **({"vllm_is_ratio": vllm_is_ratio} if packed_ratio else {}))
+    old_logps, ref_logps = per_token["old_logps"], per_token["ref_logps"]
+    if packed_ratio:
+        vllm_is_ratio = torch.where(packed.valid, per_token["vllm_is_ratio"], 1.0)
+    device = hidden.device
     check_tensor("route", route, dims=(1,), integer=True)
     if route.shape[0] != batch_size or route.device != device:
         raise ValueError(f"route {tuple(route.shape)} on {route.device} must hold one value per sequence "
@@ -250,7 +263,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         rl_rows, rl_group = plan.rows, plan.group
     rl_rewards = rewards[rl_rows].float()
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, here.tokens_rl + here.tokens_sft,
-                                                              torch.cat([rl_rows, sft_rows]))
+                                                              torch.cat([rl_rows, sft_rows]), packed)
     token_rl, token_sft = is_rl[sequence], is_sft[sequence]
     rl_weights, rl_rank = _part_weights(loss_type, mask, rl_rows, sequence, token_rl, batch_totals, "rl")
     sft_weights, _ = _part_weights(loss_type, mask, sft_rows, sequence, token_sft, batch_totals, "sft")

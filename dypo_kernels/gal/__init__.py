@@ -9,6 +9,7 @@ from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_an
 from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_chunks, gal_layout, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
 from dypo_kernels.logprob_pass import LogprobPass
+from dypo_kernels.packing import sequence_inputs
 from dypo_kernels.sweep import select_impl, sweep_loss
 from dypo_kernels.tokens import select_tokens
 from dypo_kernels.validation import (
@@ -16,7 +17,6 @@ from dypo_kernels.validation import (
     check_number,
     check_per_sequence,
     check_same_device,
-    check_sequence_batch,
     check_temperature,
     check_tensor,
 )
@@ -103,7 +103,7 @@ def sequence_logprobs(token_logps, mask, average):
 @follows_autocast("hidden", "weight", "bias")
 def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_index=None, mask=None, ref_logps=None,
                    ref_seq_logps=None, beta=1.0, average_log_prob=False, bias=None, temperature=1.0,
-                   return_metrics=False, impl=None, chunk_bytes=None):
+                   cu_seqlens=None, return_metrics=False, impl=None, chunk_bytes=None):
     """Group alignment loss (DYPO paper eq. 14-15) from hidden states, never building the logits: gal_loss on
     S_i = sum_t mask_i,t lp_i,t (the mean with ``average_log_prob``), lp the token log-probs of fused_linear_logprobs.
 
@@ -112,6 +112,8 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
         rewards: ``[B]`` finite; pairs (s, f) of one group with R_s > R_f.
         group_size / group_index: uniform groups of consecutive rows or ``[B]`` ids 0..G-1 (exactly one).
         mask: ``[B, T]`` the response tokens (None: all).
+        cu_seqlens: padding-free input (``[S + 1]`` offsets from 0 to N, flash-attn's convention): hidden ``[N, D]``,
+            targets, mask and ref_logps ``[N]``, rewards (and group_index, ref_seq_logps) ``[S]``. One more host sync.
         ref_logps: ``[B, T]`` reference token log-probs, or ref_seq_logps ``[B]`` (at most one); constants.
         beta: >= 0; temperature > 0; return_metrics: as gal_loss.
         impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
@@ -127,13 +129,15 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     host syncs: the checks with their counts, and the groups' sizes.
     """
     checks = Checks()
-    check_sequence_batch(hidden, weight, bias, targets, mask, checks, ref_logps=ref_logps)
-    check_per_sequence(hidden.shape[0], hidden.device, checks, rewards=rewards, ref_seq_logps=ref_seq_logps)
+    packed, batch_size, targets, mask, per_token = sequence_inputs(hidden, weight, bias, targets, mask, cu_seqlens,
+                                                                   checks, ref_logps=ref_logps)
+    ref_logps = per_token["ref_logps"]
+    check_per_sequence(batch_size, hidden.device, checks, rewards=rewards, ref_seq_logps=ref_seq_logps)
     if ref_logps is not None and ref_seq_logps is not None:
         raise ValueError("give ref_logps ([B, T]) or ref_seq_logps ([B]), not both")
     check_number("beta", beta, low=0)
     check_temperature(temperature)
-    ids, groups = group_ids(hidden.shape[0], hidden.device, group_size, group_index, checks)
+    ids, groups = group_ids(batch_size, hidden.device, group_size, group_index, checks)
     checks.run()
     device = hidden.device
     backend = select_backend(device)
@@ -147,7 +151,7 @@ def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_i
     # the groups whose rewards are not all equal (the only ones with pairs), each group's rows together
     plan = plan_gal(order, ids[order], mask[order].sum(-1), GROUP_GROWTH * layout[0],
                     keep=has_pair(rewards, ids, groups.value))
-    _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, plan.gal_tokens, plan.rows)
+    _, _, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, plan.gal_tokens, plan.rows, packed)
     gal = GalTerms.of_plan(plan, kept_hidden.shape[0], rewards=rewards[plan.rows].float(), beta=beta,
                            ref_seq_logps=None if ref_seq_logps is None else ref_seq_logps.detach()[plan.rows].float(),
                            divisor=plan.lengths.clamp(min=1).float() if average_log_prob else None)

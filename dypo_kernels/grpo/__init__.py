@@ -13,6 +13,7 @@ from dypo_kernels.grpo.sequence import (
     sequence_plan,
 )
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.packing import sequence_inputs
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import LOSS_TYPES, select_tokens, token_mean, token_weights
 from dypo_kernels.validation import (
@@ -20,7 +21,6 @@ from dypo_kernels.validation import (
     check_choice,
     check_number,
     check_per_sequence,
-    check_sequence_batch,
     check_temperature,
     check_tensor,
 )
@@ -159,7 +159,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
                     use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,
                     sapo_temperature_neg=1.05, vllm_is_ratio=None, num_items_in_batch=None,
                     importance_sampling_level="token", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                    vespo_lambda_neg=2.0, return_metrics=False, impl=None, chunk_bytes=None):
+                    vespo_lambda_neg=2.0, cu_seqlens=None, return_metrics=False, impl=None, chunk_bytes=None):
     """Clipped policy-gradient loss of GRPO (DYPO paper eq. 3 / 21; DAPO's clip-higher with ``eps_high``) and the
     variants of TRL 1.16 and Liger-Kernel 0.8.5, never building the logits.
 
@@ -199,6 +199,10 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
         vllm_is_ratio: ``[B, T]`` or ``[B, 1]`` non-negative finite weights of the policy term: the truncated
             importance-sampling correction of rollouts sampled by another engine (TRL's importance_sampling_ratio).
+        cu_seqlens: padding-free input (flash-attn's convention, ``[S + 1]`` int32/int64 offsets from 0 to N):
+            hidden ``[N, D]``, targets, mask, old_logps, ref_logps and vllm_is_ratio ``[N]`` (the ratio may also be
+            ``[S, 1]``), advantages ``[S]``; the same loss as the padded form (dr_grpo's T: the longest sequence).
+            One more host sync (the offsets).
         importance_sampling_level: "token", or "sequence" (GSPO; not with cispo, sapo, vespo).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma shapes and rates (by the sign
             of A).
@@ -226,9 +230,15 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     between runs.
     """
     checks = Checks()
-    check_sequence_batch(hidden, weight, bias, targets, mask, checks, old_logps=old_logps, ref_logps=ref_logps)
+    packed_ratio = cu_seqlens is not None and isinstance(vllm_is_ratio, torch.Tensor) and vllm_is_ratio.dim() == 1
+    packed, batch_size, targets, mask, per_token = sequence_inputs(
+        hidden, weight, bias, targets, mask, cu_seqlens, checks, old_logps=old_logps, ref_logps=ref_logps,
+        **({"vllm_is_ratio": vllm_is_ratio} if packed_ratio else {}))
+    old_logps, ref_logps = per_token["old_logps"], per_token["ref_logps"]
+    if packed_ratio:
+        vllm_is_ratio = torch.where(packed.valid, per_token["vllm_is_ratio"], 1.0)
     check_tensor("advantages", advantages)
-    check_per_sequence(hidden.shape[0], hidden.device, checks, advantages=advantages)
+    check_per_sequence(batch_size, hidden.device, checks, advantages=advantages)
     sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
     check_grpo_settings(beta, eps_low, eps_high, loss_type, ref_logps, use_bias_correction_kl=use_bias_correction_kl,
                         delta=delta, sapo_temperatures=sapo_temperatures, entropy_coef=entropy_coef)
@@ -251,7 +261,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     if sequence_level:  # the sequences in sweep order, each whole in a chunk (or swept ahead)
         plan, layout = sequence_plan(mask, weight, hidden.device, backend, impl, chunk_bytes)
     kept, sequence, kept_hidden, kept_targets = select_tokens(hidden, targets, mask, tokens.value,
-                                                              None if plan is None else plan.rows)
+                                                              None if plan is None else plan.rows, packed)
     weights = token_weights(loss_type, mask, sequence, max_len, num_tokens=num_items_in_batch)
     token_advantages = advantages.detach().float()[sequence]
     kept_old = None if old_logps is None else old_logps.detach().float().reshape(-1)[kept]

@@ -6,6 +6,7 @@ from torch.autograd.function import once_differentiable
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, score
+from dypo_kernels.packing import check_offsets
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep
 from dypo_kernels.tokens import positions_of
 from dypo_kernels.validation import (
@@ -52,7 +53,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 @follows_autocast("hidden", "weight", "bias")
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, impl=None, chunk_bytes=None):
+                          return_entropy=False, cu_seqlens=None, impl=None, chunk_bytes=None):
     """Log-probabilities of ``targets`` under softmax((hidden @ weight.T + bias) / temperature), never building
     the logits.
 
@@ -67,6 +68,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         bias: optional ``[V]``.
         temperature: positive; the logits are divided by it.
         return_entropy: also return the entropies (differentiable too).
+        cu_seqlens: accepted for padding-free callers (hidden ``[N, D]``, targets ``[N]``): checked, and nothing
+            else, since each token's log-prob is its own (no extra host sync).
         impl: "chunked" (default; cuBLAS products and vocabulary passes over chunks of rows), "fused" (Triton
             register tiles, CUDA only: no workspace, 8NDV, not deterministic), or None (DYPO_KERNELS_IMPL).
         chunk_bytes: the byte budget of one chunk's logits and workspace (None: DYPO_KERNELS_CHUNK_BYTES, else
@@ -93,6 +96,10 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     check_temperature(temperature)
     check_ignore_index(ignore_index)
     checks = Checks()
+    if cu_seqlens is not None:  # packed rows: per-token results, the sequences change nothing
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [N, D] packed rows with cu_seqlens, got shape {tuple(hidden.shape)}")
+        check_offsets(cu_seqlens, hidden.shape[0], hidden.device, checks)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, checks=checks)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)

@@ -12,6 +12,7 @@ from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
+from dypo_kernels.packing import check_offsets
 from dypo_kernels.sweep import chunk_logits, loss_chunks, operand, select_impl, sweep_loss
 from dypo_kernels.tokens import positions_of
 from dypo_kernels.validation import (
@@ -91,6 +92,17 @@ def teacher_operands(teachers):
             for hidden, weight, bias in teachers]
 
 
+def packed_checks(cu_seqlens, student_hidden):
+    """The Checks of a KL op, with ``cu_seqlens`` checked in them when given (the token mean needs no sequences)."""
+    checks = Checks()
+    if cu_seqlens is not None:
+        if student_hidden.dim() != 2:
+            raise ValueError(f"student_hidden must be [N, D] packed rows with cu_seqlens, got shape "
+                             f"{tuple(student_hidden.shape)}")
+        check_offsets(cu_seqlens, student_hidden.shape[0], student_hidden.device, checks)
+    return checks
+
+
 def kept_rows(flat_student, mask, checks=None):
     """(indices or None, the student's rows [N, D]) of the tokens ``mask`` keeps, after ``checks`` (read here with the
     count: one host sync)."""
@@ -162,7 +174,7 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,
                            teacher_coefs=None, divergence="forward_kl", jsd_beta=0.5, aggregate="mixture",
                            temperature=1.0, scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,
-                           return_metrics=False, impl=None, chunk_bytes=None):
+                           return_metrics=False, cu_seqlens=None, impl=None, chunk_bytes=None):
     """Divergence of the student's next-token distribution from m teachers', over the whole vocabulary, mean over
     the unmasked tokens, never building an N x V tensor.
 
@@ -183,6 +195,8 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
         teacher_coefs: m non-negative weights summing to 1 (within 1e-6); default uniform.
         divergence: "forward_kl", "reverse_kl" or "jsd"; jsd_beta in [0, 1]; aggregate: "mixture" or "mean".
         temperature: positive (0.1 to 10 are tested).
+        cu_seqlens: accepted for padding-free callers (every input ``[N, ...]``): checked, and nothing else, since the
+            loss is a mean over tokens (no extra host sync).
         return_metrics: also return detached ``{"per_token_max", "num_tokens"}`` (the largest per-token divergence,
             without the T^2 scaling, and the number of tokens).
 
@@ -220,7 +234,7 @@ def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teac
     coefs = [coefs[i] for i in used]
 
     flat_student = student_hidden.reshape(-1, student_hidden.shape[-1])
-    kept, kept_student = kept_rows(flat_student, mask)
+    kept, kept_student = kept_rows(flat_student, mask, packed_checks(cu_seqlens, student_hidden))
     teachers = []
     for hidden, weight, bias in ((teacher_hiddens[i], teacher_weights[i], biases[i]) for i in used):
         flat = hidden.detach().reshape(-1, hidden.shape[-1])

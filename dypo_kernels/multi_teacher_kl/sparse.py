@@ -9,11 +9,16 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
-from dypo_kernels.multi_teacher_kl import check_student_mask, check_teacher_coefs, check_teacher_lists, kept_rows
+from dypo_kernels.multi_teacher_kl import (
+    check_student_mask,
+    check_teacher_coefs,
+    check_teacher_lists,
+    kept_rows,
+    packed_checks,
+)
 from dypo_kernels.multi_teacher_kl.divergence import log_softmax_
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.validation import (
-    Checks,
     check_choice,
     check_linear_head,
     check_same_device,
@@ -134,7 +139,7 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
 @follows_autocast("student_hidden", "student_weight", "student_bias")
 def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
                             teacher_coefs=None, tail="bucket", temperature=1.0, student_bias=None,
-                            return_metrics=False, impl=None, chunk_bytes=None):
+                            return_metrics=False, cu_seqlens=None, impl=None, chunk_bytes=None):
     """Forward KL from m sparse teachers, sum_i w_i KL(p_i || q), mean over the unmasked tokens, never building an
     N x V tensor: each teacher is given by its top-k token ids and their log-probs at every position.
 
@@ -150,7 +155,7 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
         student_hidden: ``[..., D]`` fp32/bf16/fp16, student_weight ``[V, D]``, student_bias ``[V]`` or None.
         teacher_token_ids: m integer tensors ``[..., k_i]`` (the student's leading shape), distinct ids per position.
         teacher_logps: m float tensors of the same shapes, log-probabilities (<= 0; -inf allowed).
-        mask, teacher_coefs, temperature, return_metrics: as fused_multi_teacher_kl.
+        mask, teacher_coefs, temperature, return_metrics, cu_seqlens: as fused_multi_teacher_kl.
 
     Returns:
         the fp32 scalar loss (and ``{"per_token_max", "num_tokens"}``), differentiable in the student's hidden
@@ -163,7 +168,7 @@ def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, t
     """
     check_linear_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight",
                       "student_bias")
-    checks = Checks()
+    checks = packed_checks(cu_seqlens, student_hidden)
     coefs = _check_sparse_teachers(student_hidden, student_weight.shape[0], teacher_token_ids, teacher_logps,
                                    teacher_coefs, checks)
     check_student_mask(mask, student_hidden)

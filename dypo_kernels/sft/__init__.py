@@ -3,6 +3,7 @@
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
+from dypo_kernels.packing import unpack
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
 from dypo_kernels.tokens import select_tokens
 from dypo_kernels.validation import (
@@ -31,7 +32,7 @@ def sft_weights(reduction, valid, sequence):
 
 @follows_autocast("hidden", "weight", "bias")
 def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction="token_mean", bias=None,
-                   temperature=1.0, impl=None, chunk_bytes=None):
+                   temperature=1.0, cu_seqlens=None, impl=None, chunk_bytes=None):
     """Negative log-likelihood of teacher trajectories (DYPO paper eq. 5), never building the logits:
     -sum_t w_t lp_t with lp_t = log softmax((W h_t + b) / temperature)[y_t].
 
@@ -41,6 +42,8 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     Args:
         hidden: ``[..., T, D]`` (or ``[T, D]``, one sequence) fp32/bf16/fp16; weight ``[V, D]``; bias ``[V]`` or None.
         targets: ``[..., T]`` token ids; mask: optional, the shape of targets.
+        cu_seqlens: padding-free input (``[S + 1]`` offsets from 0 to N, flash-attn's convention): hidden ``[N, D]``,
+            targets and mask ``[N]``; "seq_mean" takes the sequences from the offsets. One more host sync.
 
     Returns:
         fp32 scalar, differentiable in hidden, weight and bias; 0 (with zero gradients) when no token is valid.
@@ -52,6 +55,8 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     linear cross-entropy with mean reduction.
     """
     check_linear_head(hidden, weight, bias)
+    if cu_seqlens is not None and hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D] packed rows with cu_seqlens, got shape {tuple(hidden.shape)}")
     check_tensor("targets", targets, integer=True)
     if hidden.dim() < 2 or tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets {tuple(targets.shape)} must be hidden's leading shape {tuple(hidden.shape[:-1])}, "
@@ -75,9 +80,16 @@ def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, red
     backend = select_backend(hidden.device)
     impl = select_impl(impl, backend, hidden.device)
 
-    valid = valid.reshape(-1, targets.shape[-1])
-    _, sequence, kept_hidden, kept_targets = select_tokens(hidden.reshape(*valid.shape, hidden.shape[-1]),
-                                                           targets.reshape(valid.shape), valid, tokens.value)
+    packed = None
+    if cu_seqlens is not None:
+        packed = unpack(cu_seqlens, hidden.shape[0], hidden.device)
+        valid, targets = packed.pad(valid, False), packed.pad(targets, 0)
+        rows = hidden
+    else:
+        valid = valid.reshape(-1, targets.shape[-1])
+        rows = hidden.reshape(*valid.shape, hidden.shape[-1])
+    _, sequence, kept_hidden, kept_targets = select_tokens(rows, targets.reshape(valid.shape), valid, tokens.value,
+                                                           packed=packed)
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend,
                           terms=TokenTerms(nll_weight=sft_weights(reduction, valid, sequence)))
     return sweep_loss(kept_hidden, weight, bias, op_pass, loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes),
