@@ -57,13 +57,17 @@ def unpack(cu_seqlens, num_rows, device, name="cu_seqlens"):
     return Packed(torch.where(valid, starts[:, None] + positions[None, :], 0), valid)
 
 
-def sequence_inputs(hidden, weight, bias, targets, mask, cu_seqlens, checks, **per_token):
+def sequence_inputs(hidden, weight, bias, targets, mask, cu_seqlens, checks, vllm_is_ratio=None, **per_token):
     """The batch of a sequence op, padded (hidden ``[B, T, D]``, per-token tensors ``[B, T]``) or packed (hidden
     ``[N, D]``, per-token tensors ``[N]``, ``cu_seqlens``), validated: (Packed or None, B or S, targets, mask and
-    the per-token tensors laid out ``[B, T]``)."""
+    the per-token tensors laid out ``[B, T]``, ``vllm_is_ratio`` among them: a packed ``[N]`` one laid out with 1
+    past each sequence's end, a ``[S, 1]`` one as it is, for the op's own check)."""
     if cu_seqlens is None:
         check_sequence_batch(hidden, weight, bias, targets, mask, checks, **per_token)
-        return None, hidden.shape[0], targets, mask, per_token
+        return None, hidden.shape[0], targets, mask, {**per_token, "vllm_is_ratio": vllm_is_ratio}
+    token_ratio = isinstance(vllm_is_ratio, torch.Tensor) and vllm_is_ratio.dim() == 1
+    if token_ratio:
+        per_token["vllm_is_ratio"] = vllm_is_ratio
     check_linear_head(hidden, weight, bias)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, D] packed rows with cu_seqlens, got shape {tuple(hidden.shape)}")
@@ -76,5 +80,7 @@ def sequence_inputs(hidden, weight, bias, targets, mask, cu_seqlens, checks, **p
                          **{name: None if value is None else value[None] for name, value in per_token.items()})
     packed = unpack(cu_seqlens, hidden.shape[0], hidden.device)
     mask = packed.valid if mask is None else packed.pad(mask.bool(), False)
-    return (packed, packed.valid.shape[0], packed.pad(targets, 0), mask,
-            {name: packed.pad(value, 0.0) for name, value in per_token.items()})
+    laid_out = {name: packed.pad(value, 0.0) for name, value in per_token.items()}
+    laid_out["vllm_is_ratio"] = torch.where(packed.valid, laid_out["vllm_is_ratio"], 1.0) if token_ratio else \
+        vllm_is_ratio
+    return packed, packed.valid.shape[0], packed.pad(targets, 0), mask, laid_out

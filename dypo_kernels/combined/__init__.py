@@ -210,13 +210,10 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r} (vespo's "
                          "sequence weights are fused_grpo_loss's only)")
     checks = Checks()
-    packed_ratio = cu_seqlens is not None and isinstance(vllm_is_ratio, torch.Tensor) and vllm_is_ratio.dim() == 1
     packed, batch_size, targets, mask, per_token = sequence_inputs(
         hidden, weight, bias, targets, mask, cu_seqlens, checks, old_logps=old_logps, ref_logps=ref_logps,
-        **({"vllm_is_ratio": vllm_is_ratio} if packed_ratio else {}))
-    old_logps, ref_logps = per_token["old_logps"], per_token["ref_logps"]
-    if packed_ratio:
-        vllm_is_ratio = torch.where(packed.valid, per_token["vllm_is_ratio"], 1.0)
+        vllm_is_ratio=vllm_is_ratio)
+    old_logps, ref_logps, vllm_is_ratio = (per_token[name] for name in ("old_logps", "ref_logps", "vllm_is_ratio"))
     device = hidden.device
     check_tensor("route", route, dims=(1,), integer=True)
     if route.shape[0] != batch_size or route.device != device:

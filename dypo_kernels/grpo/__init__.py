@@ -230,13 +230,10 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     between runs.
     """
     checks = Checks()
-    packed_ratio = cu_seqlens is not None and isinstance(vllm_is_ratio, torch.Tensor) and vllm_is_ratio.dim() == 1
     packed, batch_size, targets, mask, per_token = sequence_inputs(
         hidden, weight, bias, targets, mask, cu_seqlens, checks, old_logps=old_logps, ref_logps=ref_logps,
-        **({"vllm_is_ratio": vllm_is_ratio} if packed_ratio else {}))
-    old_logps, ref_logps = per_token["old_logps"], per_token["ref_logps"]
-    if packed_ratio:
-        vllm_is_ratio = torch.where(packed.valid, per_token["vllm_is_ratio"], 1.0)
+        vllm_is_ratio=vllm_is_ratio)
+    old_logps, ref_logps, vllm_is_ratio = (per_token[name] for name in ("old_logps", "ref_logps", "vllm_is_ratio"))
     check_tensor("advantages", advantages)
     check_per_sequence(batch_size, hidden.device, checks, advantages=advantages)
     sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
