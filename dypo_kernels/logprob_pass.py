@@ -104,17 +104,24 @@ class TokenTerms:
             tau = torch.where(advantages > 0, self.sapo_temperatures[0], self.sapo_temperatures[1])
             gate = torch.sigmoid(tau * (ratio - 1))
             return -4 / tau * gate * advantages, -4 * gate * (1 - gate) * ratio * advantages, none, none
+        policy_loss, slope = clipped_objective(ratio, advantages, self.eps_low, self.eps_high, self.delta)
         low, high = 1 - self.eps_low, 1 + self.eps_high
-        capped = ratio if self.delta is None else ratio.clamp(max=self.delta)
-        unclipped, clipped = capped * advantages, ratio.clamp(low, high) * advantages
-        # d/dlp of each branch (dr/dlp = r), where it is not flat; torch.minimum splits a tie between both branches
-        unclipped_gradient = torch.where(ratio <= (math.inf if self.delta is None else self.delta), ratio, 0.0)
-        clipped_gradient = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
-        slope = torch.where(unclipped < clipped, unclipped_gradient,
-                            torch.where(clipped < unclipped, clipped_gradient,
-                                        (unclipped_gradient + clipped_gradient) / 2))
-        return (-torch.minimum(unclipped, clipped), -slope * advantages, (ratio < low) & (advantages < 0),
-                (ratio > high) & (advantages > 0))
+        return (policy_loss, -(slope * ratio) * advantages, (ratio < low) & (advantages < 0),
+                (ratio > high) & (advantages > 0))  # dr/dlp = r
+
+
+def clipped_objective(ratio, advantages, eps_low, eps_high, delta):
+    """(P, slope) of the clipped objective P = -min(min(r, delta) A, clip(r, 1 - eps_low, 1 + eps_high) A) of a
+    token's or a sequence's ratio r: dP/dr = -slope A, slope in {0, 1/2, 1} (the branch that is the minimum, where
+    it is not flat; torch.minimum splits a tie between both branches)."""
+    low, high = 1 - eps_low, 1 + eps_high
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    unclipped, clipped = capped * advantages, ratio.clamp(low, high) * advantages
+    unclipped_slope = (ratio <= (math.inf if delta is None else delta)).float()
+    clipped_slope = ((ratio >= low) & (ratio <= high)).float()
+    slope = torch.where(unclipped < clipped, unclipped_slope,
+                        torch.where(clipped < unclipped, clipped_slope, (unclipped_slope + clipped_slope) / 2))
+    return -torch.minimum(unclipped, clipped), slope
 
 
 def logprob_bytes_per_logit(backend):

@@ -178,8 +178,8 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         fused_grpo_loss. entropy_coef: the entropy bonus on the RL rows, H_RL aggregated as L_GRPO (not weighted by
         alpha); delta, sapo_temperature_pos / _neg, vllm_is_ratio (``[B, T]`` or ``[B, 1]``, read on RL rows),
         importance_sampling_level ("sequence": GSPO's one ratio per sequence): as fused_grpo_loss, for L_GRPO.
-        Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies
-        outside the mask is not read.
+        Rewards, and old/ref log-probs where ``mask`` is set, must be finite; what lies outside the mask is not
+        read.
         cu_seqlens: padding-free input (``[S + 1]`` offsets from 0 to N, flash-attn's convention): hidden ``[N, D]``,
             targets, mask, old_logps, ref_logps and vllm_is_ratio ``[N]``; route, rewards, group_index and
             advantages ``[S]``; dr_grpo's T is the longest sequence. One more host sync (the offsets).
@@ -280,10 +280,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         terms.entropy_weight = share_rl * entropy_coef * rl_weights
     sequence_terms = None
     if with_sequences:  # GSPO: the RL tokens come first, sequence by sequence, in the plan's order
-        token_sequence = torch.full(sequence.shape, -1, dtype=torch.long, device=device)
-        token_sequence[:plan.gal_tokens] = torch.repeat_interleave(torch.arange(rl_rows.shape[0], device=device),
-                                                                   plan.lengths, output_size=plan.gal_tokens)
-        sequence_terms = SequenceTerms("gspo", token_sequence, kept_old,
+        sequence_terms = SequenceTerms("gspo", plan.token_sequence(kept.shape[0]), kept_old,
                                        rl_weights if kept_is_ratio is None else rl_weights * kept_is_ratio,
                                        rl_advantages, plan.lengths.clamp(min=1).float(), eps_low=eps_low,
                                        eps_high=eps_high, delta=delta, scale=share_rl * alpha)

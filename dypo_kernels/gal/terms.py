@@ -51,6 +51,15 @@ class GalPlan:
     def chunked_tokens(self):
         return sum(self.tokens_per_group)
 
+    def token_sequence(self, num_tokens):
+        """[num_tokens]: the plan's sequence 0..S-1 of each of its tokens, which come first, then -1 for the pass's
+        other tokens."""
+        device = self.rows.device
+        token_sequence = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        token_sequence[:self.gal_tokens] = torch.repeat_interleave(torch.arange(self.rows.shape[0], device=device),
+                                                                   self.lengths, output_size=self.gal_tokens)
+        return token_sequence
+
 
 def plan_gal(rows, group, lengths, group_limit, keep=None):
     """The plan of sequences ``rows`` ordered group by group (``group`` their ids, non-decreasing, < S; ``lengths``
@@ -111,13 +120,10 @@ class GalTerms:
     def of_plan(cls, plan, num_tokens, **gal):
         device = plan.group.device
         count = plan.group.shape[0]
-        token_sequence = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
-        token_sequence[:plan.gal_tokens] = torch.repeat_interleave(torch.arange(count, device=device), plan.lengths,
-                                                                   output_size=plan.gal_tokens)
         sequences = torch.zeros(plan.num_groups, dtype=torch.long, device=device).index_add_(
             0, plan.group, torch.ones_like(plan.group))
         slot = torch.arange(count, device=device) - (sequences.cumsum(0) - sequences)[plan.group]
-        return cls(token_sequence, plan.group, slot, plan.num_groups, plan.width, **gal)
+        return cls(plan.token_sequence(num_tokens), plan.group, slot, plan.num_groups, plan.width, **gal)
 
     def __post_init__(self):
         self.seq_sums = torch.zeros(self.group.shape, dtype=torch.float32, device=self.group.device)

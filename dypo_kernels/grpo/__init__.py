@@ -5,13 +5,8 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal.terms import sweep_ahead
-from dypo_kernels.grpo.sequence import (
-    LOG_MIN_WEIGHT,
-    SequenceTerms,
-    sequence_chunks,
-    sequence_plan,
-)
+from dypo_kernels.gal.terms import gal_chunks, sweep_ahead
+from dypo_kernels.grpo.sequence import LOG_MIN_WEIGHT, SequenceTerms, sequence_plan
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.packing import sequence_inputs
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
@@ -268,9 +263,8 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     sequence_terms = None
     if sequence_level:
         sequence_terms = SequenceTerms(
-            "vespo" if loss_type == "vespo" else "gspo", torch.repeat_interleave(
-                torch.arange(plan.rows.shape[0], device=hidden.device), plan.lengths, output_size=tokens.value),
-            kept_old, weights if kept_is_ratio is None or loss_type == "vespo" else weights * kept_is_ratio,
+            "vespo" if loss_type == "vespo" else "gspo", plan.token_sequence(tokens.value), kept_old,
+            weights if kept_is_ratio is None or loss_type == "vespo" else weights * kept_is_ratio,
             advantages.detach().float()[plan.rows], plan.lengths.clamp(min=1).float(), eps_low=eps_low,
             eps_high=eps_high, delta=delta, vespo_shapes=tuple(float(v) for v in vespo_shapes),
             log_is_ratio=vespo_log_is_ratio(is_ratio, mask, plan.rows) if loss_type == "vespo" else None)
@@ -288,7 +282,7 @@ def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps
     op_pass = LogprobPass(kept_targets, 1.0 / temperature, backend, terms=terms, sequence=sequence_terms)
     if sequence_level:
         sweep_ahead(op_pass, plan, kept_hidden, weight, bias, impl, chunk_bytes)
-        chunks = sequence_chunks(plan, layout, kept_hidden.shape[0])
+        chunks = gal_chunks(plan, layout, kept_hidden.shape[0])
     else:
         chunks = loss_chunks(op_pass, kept_hidden, weight, impl, chunk_bytes)
     loss = sweep_loss(kept_hidden, weight, bias, op_pass, chunks, impl)

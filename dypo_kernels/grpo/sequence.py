@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from dypo_kernels.gal.terms import GROUP_GROWTH, gal_chunks, gal_layout, plan_gal
+from dypo_kernels.gal.terms import GROUP_GROWTH, gal_layout, plan_gal
+from dypo_kernels.logprob_pass import clipped_objective
 
 LOG_MIN_WEIGHT = math.log(1e-8)
 
@@ -32,9 +33,9 @@ LOG_MIN_WEIGHT = math.log(1e-8)
 class SequenceTerms:
     """The sequence-level policy term (and, for GSPO, the KL term) of a sweep over S sequences whose tokens come
     first, sequence by sequence (``token_sequence`` [N]: 0..S-1, -1 for the pass's other tokens), scaled by
-    ``scale`` in the loss. Per token: ``old_logps`` (None: on-policy), ``weights``
-    (w_t, times rho_t for GSPO), ``kl_weights`` and ``ref_logps`` (GSPO's KL; None without). Per sequence:
-    ``advantages``, ``lengths`` (n_i >= 1), ``log_is_ratio`` (VESPO's clamped sum of log rho; None without)."""
+    ``scale`` in the loss. Per token: ``old_logps`` (None: on-policy), ``weights`` (w_t, times rho_t for GSPO),
+    ``kl_weights`` and ``ref_logps`` (GSPO's KL; None without). Per sequence: ``advantages``, ``lengths``
+    (n_i >= 1), ``log_is_ratio`` (VESPO's clamped sum of log rho; None without)."""
 
     objective: str  # "gspo" or "vespo"
     token_sequence: torch.Tensor
@@ -95,25 +96,14 @@ class SequenceTerms:
         rate = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
         return torch.exp(rate + k * log_weight - rate * torch.exp(log_weight)).nan_to_num(0.0, 0.0, 0.0)
 
-    def _policy(self, ratio, advantages):
-        """GSPO's (P_i, dP_i/ds_i): the clipped objective of the sequence ratio (torch.minimum splits a tie)."""
-        low, high = 1 - self.eps_low, 1 + self.eps_high
-        capped = ratio if self.delta is None else ratio.clamp(max=self.delta)
-        unclipped, clipped = capped * advantages, ratio.clamp(low, high) * advantages
-        unclipped_slope = (ratio <= (math.inf if self.delta is None else self.delta)).float()
-        clipped_slope = ((ratio >= low) & (ratio <= high)).float()
-        slope = torch.where(unclipped < clipped, unclipped_slope,
-                            torch.where(clipped < unclipped, clipped_slope, (unclipped_slope + clipped_slope) / 2))
-        return -torch.minimum(unclipped, clipped), -slope * advantages
-
     def _sequence_coefficients(self, sequences, log_ratio, kl_sums):
         """(per-sequence coefficient of dL/dlp_t shared by its tokens, the KL factor [s_i] of its tokens)."""
         ratio = self._ratio(log_ratio, sequences)
         advantages = self.advantages[sequences]
         if self.objective == "vespo":
             return -ratio * advantages, torch.ones_like(ratio)
-        _, policy_slope = self._policy(ratio, advantages)
-        shared = self.sequence_weights[sequences] * policy_slope
+        _, slope = clipped_objective(ratio, advantages, self.eps_low, self.eps_high, self.delta)
+        shared = self.sequence_weights[sequences] * (-slope * advantages)
         kl_factor = torch.ones_like(ratio)
         if self.kl_weights is not None and self.kl_importance_weighted:
             shared = shared + kl_sums
@@ -127,7 +117,7 @@ class SequenceTerms:
         return gradient
 
     def gradient(self, chunk, logps):
-        """dL/dlp of the chunk's tokens; accumulates their sums (the values come from them in ``loss``)."""
+        """dL/dlp of the chunk's tokens; accumulates their sums (the values come from them in ``loss_and_metrics``)."""
         rows = chunk.rows
         sequence = self.token_sequence[rows]
         self._accumulate(rows, sequence, logps, (self.log_ratio, self.weighted_logps, self.kl_sums))
@@ -165,7 +155,7 @@ class SequenceTerms:
         ratio = self._ratio(self.log_ratio, sequences)
         if self.objective == "vespo":
             return -(ratio * self.advantages * self.weighted_logps).sum(), ratio
-        policy_loss, _ = self._policy(ratio, self.advantages)
+        policy_loss, _ = clipped_objective(ratio, self.advantages, self.eps_low, self.eps_high, self.delta)
         value = (self.sequence_weights * policy_loss).sum()
         if self.kl_weights is not None:
             value = value + ((ratio if self.kl_importance_weighted else 1.0) * self.kl_sums).sum()
@@ -177,7 +167,3 @@ def sequence_plan(mask, weight, device, backend, impl, chunk_bytes):
     layout = gal_layout(weight, device, backend, impl, chunk_bytes)
     rows = torch.arange(mask.shape[0], device=device)
     return plan_gal(rows, rows, mask.sum(-1), GROUP_GROWTH * layout[0]), layout
-
-
-def sequence_chunks(plan, layout, num_tokens):
-    return gal_chunks(plan, layout, num_tokens)
