@@ -1,7 +1,7 @@
 """dypo-kernels: memory-bounded fused kernels for LLM post-training (DYPO, GRPO, GAL, SFT, multi-teacher KL).
 
 Every ``fused_*`` op takes hidden states and the lm_head weight, never the logits (docs/design.md, "The memory
-contract").
+contract"). Under torch.compile each op is one torch.library custom op (custom_ops.py): no graph break.
 """
 
 from dypo_kernels.advantages import group_advantages

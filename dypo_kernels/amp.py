@@ -23,7 +23,7 @@ def follows_autocast(*operands):
     products (tensors, sequences of tensors, or None)."""
 
     def decorate(op):
-        signature = inspect.signature(op)
+        position = {name: index for index, name in enumerate(inspect.signature(op).parameters)}
 
         @functools.wraps(op)
         def run(*args, **kwargs):
@@ -32,12 +32,14 @@ def follows_autocast(*operands):
                 return op(*args, **kwargs)
             device_type = first.device.type
             dtype = torch.get_autocast_dtype(device_type)
-            bound = signature.bind(*args, **kwargs)
-            for name in operands:
-                if name in bound.arguments:
-                    bound.arguments[name] = _cast(bound.arguments[name], dtype)
+            args = list(args)
+            for name in operands:  # found by position, not Signature.bind, which Dynamo cannot trace in torch 2.6
+                if name in kwargs:
+                    kwargs[name] = _cast(kwargs[name], dtype)
+                elif position[name] < len(args):
+                    args[position[name]] = _cast(args[position[name]], dtype)
             with torch.autocast(device_type, enabled=False):
-                return op(*bound.args, **bound.kwargs)
+                return op(*args, **kwargs)
 
         return run
 

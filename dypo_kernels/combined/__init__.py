@@ -7,7 +7,10 @@ import torch
 from dypo_kernels.advantages import grouped_advantages
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.custom_ops import traceable_loss
 from dypo_kernels.gal import sequence_logprobs
+from dypo_kernels.gal.pairs import METRICS as GAL_METRICS
+from dypo_kernels.gal.pairs import no_pair_metrics
 from dypo_kernels.gal.terms import (
     GROUP_GROWTH,
     GalTerms,
@@ -23,6 +26,7 @@ from dypo_kernels.grpo import (
     check_grpo_settings,
     check_importance_sampling_level,
     check_is_ratio,
+    policy_metric_names,
     policy_metrics,
     policy_terms,
     sequence_metrics,
@@ -144,7 +148,14 @@ def _part_weights(loss_type, mask, rows_of_part, sequence, token_in_part, totals
     return torch.where(token_in_part, weights, 0.0), rank
 
 
+def metric_names(*args, alpha=0.5, **kwargs):
+    """The keys of dypo_loss's metrics for these arguments."""
+    return ["loss_sft", "loss_grpo", "loss_gal", "num_prompts_sft", "num_prompts_rl", "num_tokens_rl",
+            *policy_metric_names(**kwargs), *(GAL_METRICS if alpha < 1 else ())]
+
+
 @follows_autocast("hidden", "weight", "bias")
+@traceable_loss(metric_names)
 def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, advantages=None, old_logps=None,
               ref_logps=None, alpha=0.5, gamma=1.0, beta_gal=1.0, beta_kl=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="grpo", bias=None, temperature=1.0, use_bias_correction_kl=False, entropy_coef=0.0,
@@ -190,7 +201,7 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
         return_metrics: also return detached ``loss_sft``, ``loss_grpo``, ``loss_gal`` (unweighted parts; with
             ``batch_totals``, this part's shares of the whole batch's),
             ``num_prompts_sft``, ``num_prompts_rl``, ``num_tokens_rl``, fused_grpo_loss's token metrics over the RL
-            tokens and gal_loss's pair metrics.
+            tokens and, when alpha < 1, gal_loss's pair metrics (zeros for a batch without RL rows).
         impl, chunk_bytes: as fused_linear_logprobs ("chunked" or "fused"; the chunk budget).
 
     Returns:
@@ -324,4 +335,6 @@ def dypo_loss(hidden, weight, targets, *, mask, route, rewards, group_index, adv
     if gal is not None:
         gal_value, gal_metrics = gal.loss_and_metrics()
         metrics.update(loss_gal=gal_value.detach() * gal_fraction, **gal_metrics)
+    elif alpha < 1:
+        metrics.update(no_pair_metrics(device))
     return loss, metrics

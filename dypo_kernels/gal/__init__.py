@@ -5,7 +5,8 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
-from dypo_kernels.gal.pairs import coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
+from dypo_kernels.custom_ops import traceable_loss
+from dypo_kernels.gal.pairs import METRICS, coefficients, group_layout, has_pair, loss_and_metrics, pair_terms
 from dypo_kernels.gal.terms import GROUP_GROWTH, GalTerms, gal_chunks, gal_layout, plan_gal, sweep_ahead
 from dypo_kernels.groups import group_ids
 from dypo_kernels.logprob_pass import LogprobPass
@@ -101,6 +102,7 @@ def sequence_logprobs(token_logps, mask, average):
 
 
 @follows_autocast("hidden", "weight", "bias")
+@traceable_loss(lambda *args, **kwargs: list(METRICS))
 def fused_gal_loss(hidden, weight, targets, rewards, *, group_size=None, group_index=None, mask=None, ref_logps=None,
                    ref_seq_logps=None, beta=1.0, average_log_prob=False, bias=None, temperature=1.0,
                    cu_seqlens=None, return_metrics=False, impl=None, chunk_bytes=None):

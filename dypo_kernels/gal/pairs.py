@@ -4,6 +4,8 @@ gal_loss, gal_coefficients and the sweep's GalTerms share."""
 import torch
 import torch.nn.functional as F
 
+METRICS = ("num_pairs", "pair_accuracy", "mean_margin")
+
 
 def group_layout(ids, checks):
     """(slot [B], width): each row's position within its group (ids 0..G-1, any order) and, as a Count read by
@@ -46,6 +48,12 @@ def loss_and_metrics(difference, is_pair, beta, pair_groups=None):
                    "pair_accuracy": (is_pair & (difference > 0)).sum() / num_pairs.clamp(min=1),
                    "mean_margin": torch.where(is_pair, difference, 0.0).sum() / num_pairs.clamp(min=1)}
     return loss, metrics
+
+
+def no_pair_metrics(device):
+    """GAL's metrics of a batch without its rows."""
+    return {"num_pairs": torch.zeros((), dtype=torch.long, device=device),
+            "pair_accuracy": torch.zeros((), device=device), "mean_margin": torch.zeros((), device=device)}
 
 
 def coefficients(difference, is_pair, beta, pair_groups, group, slot):

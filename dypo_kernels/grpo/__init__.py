@@ -5,6 +5,7 @@ import torch
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.custom_ops import traceable_loss
 from dypo_kernels.gal.terms import gal_chunks, sweep_ahead
 from dypo_kernels.grpo.sequence import LOG_MIN_WEIGHT, SequenceTerms, sequence_plan
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
@@ -19,6 +20,8 @@ from dypo_kernels.validation import (
     check_temperature,
     check_tensor,
 )
+
+POLICY_METRICS = ("clip_fraction_low", "clip_fraction_high", "mean_ratio", "mean_entropy")
 
 # the policy objective of each loss_type (TokenTerms.objective): the clipped surrogate unless named here
 OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
@@ -148,7 +151,13 @@ def policy_metrics(op_pass, tokens=None):
     return metrics
 
 
+def policy_metric_names(*args, ref_logps=None, **kwargs):
+    """The keys of policy_metrics (and sequence_metrics) for these arguments."""
+    return [*POLICY_METRICS, *(["mean_kl"] if ref_logps is not None else [])]
+
+
 @follows_autocast("hidden", "weight", "bias")
+@traceable_loss(policy_metric_names)
 def fused_grpo_loss(hidden, weight, targets, advantages, *, mask=None, old_logps=None, ref_logps=None, beta=0.0,
                     eps_low=0.2, eps_high=0.2, loss_type="grpo", max_len=None, bias=None, temperature=1.0,
                     use_bias_correction_kl=False, entropy_coef=0.0, delta=None, sapo_temperature_pos=1.0,

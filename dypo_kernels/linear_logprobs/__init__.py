@@ -1,8 +1,11 @@
 """fused_linear_logprobs: token log-probs (and entropies) of a linear head's softmax without the logits."""
 
+from typing import NamedTuple, Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
+from dypo_kernels import custom_ops
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.logprob_pass import LogprobPass, score
@@ -19,36 +22,85 @@ from dypo_kernels.validation import (
 )
 
 
+def logprob_grads(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, settings, needs):
+    """Gradients (hidden, weight, bias; None where not ``needs``), in the inputs' dtypes, of sum(grad_logp * logps +
+    grad_entropy * entropy) over kept rows whose statistics ``lse``, ``entropy`` are known: one sweep, 6NDV."""
+    inv_temperature, backend, impl, chunk_bytes = settings
+    if hidden.shape[0] == 0:
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
+    op_pass = LogprobPass(targets, inv_temperature, backend, lse=lse, entropy=entropy,
+                          grad_logp=torch.zeros_like(lse) if grad_logp is None else grad_logp.float(),
+                          grad_entropy=None if grad_entropy is None else grad_entropy.float())
+    with torch.autocast(hidden.device.type, enabled=False):  # a backward called inside autocast
+        grads = sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
+                      needs_input_grad=needs, impl=impl)
+    return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """hidden [N, D] (rows already free of ignored targets), weight [V, D], bias [V] or None, targets [N] int64.
     Returns fp32 (logps, entropy) [N]; saves only per-row fp32 statistics: the backward sweeps again, with the
     upstream gradients as the log-prob and entropy coefficients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes):
-        op_pass = score(hidden, weight, bias, targets, inv_temperature, backend, impl, chunk_bytes)
+    def forward(ctx, hidden, weight, bias, targets, settings):
+        op_pass = score(hidden, weight, bias, targets, *settings)
         ctx.save_for_backward(hidden, weight, bias, targets, op_pass.lse, op_pass.entropy)
-        ctx.settings = (inv_temperature, backend, impl, chunk_bytes)
+        ctx.settings = settings
         return op_pass.logps, op_pass.entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        inv_temperature, backend, impl, chunk_bytes = ctx.settings
-        needs = tuple(ctx.needs_input_grad[:3])
-        if hidden.shape[0] == 0:
-            grads = tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
-            return (*grads, None, None, None, None, None)
-        op_pass = LogprobPass(targets, inv_temperature, backend, lse=lse, entropy=entropy,
-                              grad_logp=torch.zeros_like(lse) if grad_logp is None else grad_logp.float(),
-                              grad_entropy=None if grad_entropy is None else grad_entropy.float())
-        with torch.autocast(hidden.device.type, enabled=False):  # a backward called inside autocast
-            grads = sweep(hidden, weight, bias, op_pass, loss_chunks(op_pass, hidden, weight, impl, chunk_bytes),
-                          needs_input_grad=needs, impl=impl)
-        grad_hidden, grad_weight, grad_bias = (
-            None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        grads = logprob_grads(*ctx.saved_tensors, grad_logp, grad_entropy, ctx.settings,
+                              tuple(ctx.needs_input_grad[:3]))
+        return *grads, None, None
+
+
+class Rows(NamedTuple):
+    """The rows an op scores: ``kept`` (indices into the flattened targets; None when every one is kept), their
+    hidden states [N, D] and targets [N] int64, and the sweep's (inverse temperature, backend, impl, chunk_bytes)."""
+
+    kept: Optional[torch.Tensor]
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    settings: tuple
+
+
+def kept_rows(hidden, targets, temperature, ignore_index, impl, chunk_bytes, count):
+    """The Rows of the targets that are not ``ignore_index`` (``count`` of them, a host int), unchecked."""
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    backend = select_backend(hidden.device)
+    settings = (1.0 / temperature, backend, select_impl(impl, backend, hidden.device), chunk_bytes)
+    if count == flat_targets.numel():
+        return Rows(None, flat_hidden.contiguous(), flat_targets.long().contiguous(), settings)
+    kept = positions_of(flat_targets != ignore_index, count)
+    return Rows(kept, flat_hidden.index_select(0, kept).contiguous(),
+                flat_targets.index_select(0, kept).long().contiguous(), settings)
+
+
+def checked_rows(hidden, weight, targets, bias, temperature, ignore_index, cu_seqlens, impl, chunk_bytes):
+    """fused_linear_logprobs' checks (one host sync, with the count of kept rows), then its Rows."""
+    check_linear_head(hidden, weight, bias)
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    checks = Checks()
+    if cu_seqlens is not None:  # packed rows: per-token results, the sequences change nothing
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [N, D] packed rows with cu_seqlens, got shape {tuple(hidden.shape)}")
+        check_offsets(cu_seqlens, hidden.shape[0], hidden.device, checks)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, checks=checks)
+    count = checks.count((targets.reshape(-1) != ignore_index).sum())
+    checks.run()
+    return kept_rows(hidden, targets, temperature, ignore_index, impl, chunk_bytes, count.value)
+
+
+def spread(rows, values, like):
+    """Per-row ``values`` of ``rows`` laid out like the targets ``like``, 0 at ignored positions."""
+    if rows.kept is not None:
+        values = values.new_zeros(like.numel(), *values.shape[1:]).index_put((rows.kept,), values)
+    return values.view(*like.shape, *values.shape[1:])
 
 
 @follows_autocast("hidden", "weight", "bias")
@@ -91,33 +143,12 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         >>> fused_linear_logprobs(h, W, y).shape
         torch.Size([2, 5])
     """
-    check_linear_head(hidden, weight, bias)
-    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    checks = Checks()
-    if cu_seqlens is not None:  # packed rows: per-token results, the sequences change nothing
-        if hidden.dim() != 2:
-            raise ValueError(f"hidden must be [N, D] packed rows with cu_seqlens, got shape {tuple(hidden.shape)}")
-        check_offsets(cu_seqlens, hidden.shape[0], hidden.device, checks)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, checks=checks)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1)
-    used = flat_targets != ignore_index
-    count = checks.count(used.sum())
-    checks.run()
-    backend = select_backend(hidden.device)
-    impl = select_impl(impl, backend, hidden.device)
-
-    kept = positions_of(used, count.value)
-    all_kept = count.value == flat_targets.numel()
-    kept_hidden = flat_hidden if all_kept else flat_hidden.index_select(0, kept)
-    kept_targets = flat_targets if all_kept else flat_targets.index_select(0, kept)
-    logps, entropy = LinearLogprobsFunction.apply(kept_hidden.contiguous(), weight.contiguous(), bias,
-                                                  kept_targets.long().contiguous(), 1.0 / temperature, backend, impl,
-                                                  chunk_bytes)
-    if not all_kept:
-        zeros = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
-        logps, entropy = zeros.index_put((kept,), logps), zeros.index_put((kept,), entropy)
-    logps = logps.view(targets.shape)
-    return (logps, entropy.view(targets.shape)) if return_entropy else logps
+    if torch.compiler.is_compiling():
+        logps, entropy = custom_ops.linear_logprobs(hidden, weight, targets, bias, temperature, ignore_index,
+                                                    cu_seqlens, impl, chunk_bytes)
+        return (logps, entropy) if return_entropy else logps
+    rows = checked_rows(hidden, weight, targets, bias, temperature, ignore_index, cu_seqlens, impl, chunk_bytes)
+    logps, entropy = LinearLogprobsFunction.apply(rows.hidden, weight.contiguous(), bias, rows.targets,
+                                                  rows.settings)
+    logps, entropy = spread(rows, logps, targets), spread(rows, entropy, targets)
+    return (logps, entropy) if return_entropy else logps

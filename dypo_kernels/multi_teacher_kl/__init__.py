@@ -10,6 +10,7 @@ import torch
 from dypo_kernels import vocab_pass
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.custom_ops import traceable_loss
 from dypo_kernels.multi_teacher_kl import divergence as torch_pass
 from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
 from dypo_kernels.packing import check_offsets
@@ -171,6 +172,7 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
 
 @follows_autocast("student_hidden", "student_weight", "student_bias", "teacher_hiddens", "teacher_weights",
                   "teacher_biases")
+@traceable_loss(lambda *args, **kwargs: ["num_tokens", "per_token_max"])
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,
                            teacher_coefs=None, divergence="forward_kl", jsd_beta=0.5, aggregate="mixture",
                            temperature=1.0, scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,

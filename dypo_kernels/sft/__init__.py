@@ -2,6 +2,7 @@
 
 from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
+from dypo_kernels.custom_ops import traceable_loss
 from dypo_kernels.logprob_pass import LogprobPass, TokenTerms
 from dypo_kernels.packing import unpack
 from dypo_kernels.sweep import loss_chunks, select_impl, sweep_loss
@@ -31,6 +32,7 @@ def sft_weights(reduction, valid, sequence):
 
 
 @follows_autocast("hidden", "weight", "bias")
+@traceable_loss()
 def fused_sft_loss(hidden, weight, targets, *, mask=None, ignore_index=-100, reduction="token_mean", bias=None,
                    temperature=1.0, cu_seqlens=None, impl=None, chunk_bytes=None):
     """Negative log-likelihood of teacher trajectories (DYPO paper eq. 5), never building the logits:
