@@ -57,7 +57,6 @@ def gradient_variance(run_dir: Path, batches: int, seed: int = 1000):
     from safetensors.torch import load_model
 
     from dypo import checkpoint
-    from dypo.batches import loss_batch
     from dypo.config import Config
     from dypo.data import ProblemSource
     from dypo.routing import route_groups
@@ -84,7 +83,7 @@ def gradient_variance(run_dir: Path, batches: int, seed: int = 1000):
             groups = mid_groups[b * config.train_batch_size:(b + 1) * config.train_batch_size]
             for name, alpha in (("grpo", 1.0), ("mix", config.alpha)):
                 trainer.model.zero_grad(set_to_none=True)
-                trainer.loss(loss_batch(groups, trainer.codec.pad_id, trainer.world.device), alpha)[0].backward()
+                trainer.loss(trainer.batch(groups), alpha)[0].backward()
                 gradients[name].append(_flat_gradient(trainer.model).double())
         row = {"step": step}
         for name, values in gradients.items():

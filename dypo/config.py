@@ -12,6 +12,7 @@ STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
 SCHEDULES = ("constant", "linear", "cosine")
 SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
+HARD_LOSSES = ("sft", "kl", "sft_kl")
 # what --resume may change: how long the run goes on, what it logs, and how its work is cut into pieces to fit in
 # memory (the chunk sizes; generation_batch_size changes which random numbers each rollout draws), and which engine
 # samples the rollouts (use_vllm), not the method
@@ -109,11 +110,25 @@ class Config:
     scale_rewards: str = option("group", "advantage scaling: group, batch, none (Dr.GRPO)")
     switch_gate: int = option(0, "plain GRPO before this step (DYPO's routing after)")
     sft_teachers: str = option("one", "hard prompts: SFT on one teacher solution drawn uniformly, or on all")
+    hard_loss: str = option("sft", "hard prompts' loss on the drawn teacher trajectory: sft (eq. 5), kl (a "
+                                   "divergence toward the teachers' next-token distributions on its solution tokens), "
+                                   "sft_kl (gamma SFT + kl_coef KL)")
+    kl_coef: float = option(1.0, "hard_loss kl, sft_kl: weight of the KL term")
+    kl_divergence: str = option("forward_kl", "hard_loss kl, sft_kl: forward_kl, reverse_kl or jsd")
+    kl_aggregate: str = option("mixture", "hard_loss kl, sft_kl: mixture (divergence from the teachers' average "
+                                          "distribution) or mean (average of the divergences from each)")
+    teacher_models: tuple = option((), "hard_loss kl, sft_kl: local Hugging Face causal LM directories sharing the "
+                                       "student's vocabulary (one teacher each), or builtin (the built-in task's "
+                                       "teachers as tiny models, trained once and cached)")
+    teacher_topk_field: str = option("", "hard_loss kl, sft_kl: data field of stored teacher top-k log-probs, "
+                                         "instead of teacher_models (docs/trainer.md)")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             if field.type is bool:
                 setattr(self, field.name, _boolean(getattr(self, field.name)))
+            if field.type is tuple and isinstance(getattr(self, field.name), list):
+                setattr(self, field.name, tuple(getattr(self, field.name)))
 
 
 def _boolean(value):
@@ -125,11 +140,13 @@ def _boolean(value):
 def _check(config: Config, fail):
     from dypo_kernels.advantages import SCALES
     from dypo_kernels.combined import LOSS_TYPES
+    from dypo_kernels.multi_teacher_kl.divergence import AGGREGATES, DIVERGENCES
 
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
                "importance_sampling_level": ("token", "sequence"),
-               "use_liger_kernel": SWITCHES}
+               "use_liger_kernel": SWITCHES, "hard_loss": HARD_LOSSES, "kl_divergence": DIVERGENCES,
+               "kl_aggregate": AGGREGATES}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             fail(f"{name} must be one of {', '.join(valid)}; got {getattr(config, name)!r}")
@@ -163,8 +180,9 @@ def _check(config: Config, fail):
         fail(f"delta caps the ratio of the clipped objective; loss_type {config.loss_type} has none")
     if config.importance_sampling_level == "sequence" and config.loss_type in ("cispo", "sapo"):
         fail(f"importance_sampling_level sequence is not defined for loss_type {config.loss_type}")
-    for name in ("gamma", "beta_gal", "beta", "epsilon_high", "delta", "switch_gate", "weight_decay", "num_samples",
-                 "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "vllm_max_model_length"):
+    for name in ("gamma", "kl_coef", "beta_gal", "beta", "epsilon_high", "delta", "switch_gate", "weight_decay",
+                 "num_samples", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size",
+                 "vllm_max_model_length"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):
@@ -179,9 +197,40 @@ def _check(config: Config, fail):
              f"heads, each of an even size for rotary positions); got {config.hidden_size}")
     if config.eval_data and not config.data:
         fail("eval_data needs data (the built-in task draws its own evaluation prompts)")
+    _check_teachers(config, fail)
     valid_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
     if config.attn_implementation not in valid_attention:
         fail(f"attn_implementation must be one of {', '.join(valid_attention)}; got {config.attn_implementation!r}")
+
+
+def _check_teachers(config, fail):
+    """The teacher source of hard_loss kl and sft_kl: exactly one of teacher_models and teacher_topk_field."""
+    from dypo.teachers import BUILTIN
+
+    models, field = config.teacher_models, config.teacher_topk_field
+    if not all(isinstance(model, str) and model for model in models):
+        fail(f"teacher_models must be directories (non-empty strings); got {list(models)!r}")
+    if models and field:
+        fail("teacher_models and teacher_topk_field exclude each other: give one teacher source")
+    if config.hard_loss == "sft":
+        if models or field:
+            fail(f"{'teacher_models' if models else 'teacher_topk_field'} is used by hard_loss kl or sft_kl only; "
+                 "got hard_loss sft")
+        return
+    if not models and not field:
+        fail(f"hard_loss {config.hard_loss} needs a teacher source: --teacher_models DIR [DIR ...] (or builtin) or "
+             "--teacher_topk_field NAME")
+    if config.strategy == "grpo":
+        fail(f"hard_loss {config.hard_loss} trains the hard prompts' teacher trajectories; strategy grpo has none")
+    if BUILTIN in models and (len(models) > 1 or config.model or config.data):
+        fail("teacher_models builtin stands alone, for the built-in task and the embedded model (no --model, no "
+             "--data)")
+    if field and not config.data:
+        fail("teacher_topk_field needs data (the records hold the top-k log-probs)")
+    if field and (config.kl_divergence, config.kl_aggregate) != ("forward_kl", "mean"):
+        fail("teacher_topk_field gives the mean of forward KLs to the stored teachers (fused_sparse_teacher_kl): "
+             f"it needs kl_divergence forward_kl and kl_aggregate mean; got {config.kl_divergence}, "
+             f"{config.kl_aggregate}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -194,6 +243,11 @@ class OneLineParser(argparse.ArgumentParser):
 def _typed(field, value, source, fail):
     if field.type is bool:
         return _boolean(value)
+    if field.type is tuple:
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list) and all(isinstance(item, str) for item in values):
+            return tuple(values)
+        fail(f"{field.name} in {source} must be a list of strings; got {value!r}")
     if isinstance(value, bool) and field.metadata.get("switch"):
         return "true" if value else "false"  # YAML reads true/false as booleans
     wrong = isinstance(value, bool) and field.type is not str or \
@@ -221,8 +275,9 @@ def parse_config(argv, description=None):
     fields = {field.name: field for field in dataclasses.fields(Config)}
     for field in fields.values():
         default = str(field.default).lower() if field.type is bool else repr(field.default)
-        parser.add_argument(f"--{field.name}", type=_boolean if field.type is bool else field.type, default=None,
-                            help=f"{field.metadata['help']} (default: {default})")
+        kind = {bool: {"type": _boolean}, tuple: {"nargs": "+"}}.get(field.type, {"type": field.type})
+        parser.add_argument(f"--{field.name}", **kind, default=None, help=f"{field.metadata['help']} (default: "
+                                                                           f"{default})")
     options = vars(parser.parse_args(argv))
     config_file, resume = options.pop("config"), options.pop("resume")
     overwrite = options.pop("overwrite_output_dir")
@@ -258,7 +313,8 @@ def parse_config(argv, description=None):
         parser.error(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(fields)}")
     for key, value in loaded.items():
         values[key] = _typed(fields[key], value, source, parser.error)
-    given = {key: value for key, value in options.items() if value is not None}
+    given = {key: tuple(value) if fields[key].type is tuple else value for key, value in options.items()
+             if value is not None}
     if resume is not None:
         changed = sorted(key for key, value in given.items() if key not in RESUMABLE and value != values.get(
             key, fields[key].default))

@@ -1,13 +1,15 @@
 """The trainer's problems: from JSONL or Parquet files (a prompt, a string or a list of chat messages, a
 ground-truth answer and a list of teacher solutions per record, under configurable field names; defaults: LUFFY's
-and DYPO's ``prompt``, ``reward_model.ground_truth``, ``target``), or from the built-in task (task.py). Every
-problem of a file is reported before any training starts."""
+and DYPO's ``prompt``, ``reward_model.ground_truth``, ``target``; optionally the teachers' top-k log-probs along
+each solution, ``--teacher_topk_field``), or from the built-in task (task.py). Every problem of a file is reported
+before any training starts."""
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 Prompt = Union[str, List[dict]]
 
@@ -22,6 +24,9 @@ class Problem:
     answer: str
     teacher_solutions: List[str]
     source: str = field(default="", compare=False)  # "--data FILE: record N", for error messages
+    # --teacher_topk_field: per teacher solution, {"ids": [m][n][k], "logps": [m][n][k]} (m teachers, the n tokens of
+    # the solution as the trainer tokenizes it, EOS included, k stored tokens per position)
+    teacher_topk: Optional[List[dict]] = None
 
 
 def _records(path: Path, option: str):
@@ -92,15 +97,66 @@ def _solutions(value, where: str) -> List[str]:
     return solutions
 
 
+def _topk_entry(entry, where, layout):
+    """One solution's stored top-k, checked: {"ids", "logps"}, each m x n x k (the file's m and k, ``layout``:
+    set by its first entry), ids distinct non-negative integers per position, logps log-probabilities whose
+    exponentials sum to at most 1."""
+    from dypo_kernels.multi_teacher_kl.sparse import MASS_TOLERANCE
+
+    if not isinstance(entry, dict) or not {"ids", "logps"} <= set(entry):
+        raise DataError(f"{where} must be an object with ids and logps; got {type(entry).__name__}")
+    ids, logps = entry["ids"], entry["logps"]
+
+    def nested(value):  # the shape of a list of lists of lists, or None
+        if not (isinstance(value, list) and value and all(isinstance(t, list) and t for t in value)):
+            return None
+        shapes = {(len(t), len(t[0]) if isinstance(t[0], list) else -1) for t in value}
+        lengths = {len(p) if isinstance(p, list) else -1 for t in value for p in t}
+        if len(shapes) != 1 or len(lengths) != 1 or -1 in lengths or 0 in lengths:
+            return None
+        return len(value), len(value[0]), lengths.pop()
+
+    shape = nested(ids)
+    if shape is None or nested(logps) != shape:
+        raise DataError(f"{where}: ids and logps must be lists [teacher][token][k] of one shape, each teacher "
+                        "with one entry per solution token and k entries per token")
+    if layout and (shape[0], shape[2]) != layout:
+        raise DataError(f"{where}: {shape[0]} teachers x k {shape[2]}; the file's first record has {layout[0]} x "
+                        f"{layout[1]}")
+    for teacher_ids, teacher_logps in zip(ids, logps):
+        for position_ids, position_logps in zip(teacher_ids, teacher_logps):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in position_ids) or \
+                    len(set(position_ids)) != len(position_ids):
+                raise DataError(f"{where}: ids must be distinct non-negative integers per token; got {position_ids}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and
+                       v <= MASS_TOLERANCE for v in position_logps) or \
+                    sum(math.exp(v) for v in position_logps) > 1 + MASS_TOLERANCE:
+                raise DataError(f"{where}: logps must be log-probabilities (<= 0, summing to at most 1 as "
+                                f"probabilities); got {position_logps}")
+    return {"ids": ids, "logps": [[[float(v) for v in p] for p in t] for t in logps]}, (shape[0], shape[2])
+
+
+def _topk(value, solutions, where, layout):
+    """The stored top-k of each teacher solution (a list, in the solutions' order) and the file's layout."""
+    if not isinstance(value, list) or len(value) != len(solutions):
+        raise DataError(f"{where}: the teacher top-k must be a list with one entry per teacher solution "
+                        f"({len(solutions)}); got {len(value) if isinstance(value, list) else type(value).__name__}")
+    entries = []
+    for number, entry in enumerate(value):
+        checked, layout = _topk_entry(entry, f"{where}: teacher top-k {number}", layout)
+        entries.append(checked)
+    return entries, layout
+
+
 def load_problems(path, *, prompt_field="prompt", answer_field="reward_model.ground_truth", teachers_field="target",
-                  option="--data") -> List[Problem]:
+                  teacher_topk_field="", option="--data") -> List[Problem]:
     """Every record of a .jsonl or .parquet file as a Problem; raises DataError naming the file, record and field
     of the first problem found (missing file, empty file, missing field, wrong type)."""
     path = Path(path)
     records = _records(path, option)
     if not records:
         raise DataError(f"{option} {path}: the file holds no records")
-    problems = []
+    problems, layout = [], None
     for number, record in enumerate(records, 1):
         where = f"{option} {path}: record {number}"
         if not isinstance(record, dict):
@@ -108,10 +164,13 @@ def load_problems(path, *, prompt_field="prompt", answer_field="reward_model.gro
         answer = _field(record, answer_field, where, "answer_field")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise DataError(f"{where}: the answer must be a string or a number; got {type(answer).__name__}")
+        solutions = _solutions(_field(record, teachers_field, where, "teachers_field"), where)
+        topk = None
+        if teacher_topk_field:
+            topk, layout = _topk(_field(record, teacher_topk_field, where, "teacher_topk_field"), solutions, where,
+                                 layout)
         problems.append(Problem(prompt=_prompt(_field(record, prompt_field, where, "prompt_field"), where),
-                                answer=str(answer),
-                                teacher_solutions=_solutions(_field(record, teachers_field, where, "teachers_field"),
-                                                             where), source=where))
+                                answer=str(answer), teacher_solutions=solutions, source=where, teacher_topk=topk))
     return problems
 
 
@@ -123,7 +182,7 @@ def load_data(config):
         return None, task.make_problems(random.Random(config.seed + 1), config.eval_prompts, config.max_digits)
     fields = {"prompt_field": config.prompt_field, "answer_field": config.answer_field,
               "teachers_field": config.teachers_field}
-    problems = load_problems(config.data, **fields)
+    problems = load_problems(config.data, teacher_topk_field=config.teacher_topk_field, **fields)
     if config.eval_data:
         return problems, load_problems(config.eval_data, option="--eval_data", **fields)[:config.eval_prompts]
     if len(problems) <= config.eval_prompts:
@@ -148,6 +207,21 @@ def check_encodable(codec, problems) -> int:
         except Exception as exc:  # tokenizers and chat templates raise many unrelated types
             raise DataError(f"{problem.source or 'a prompt'}: cannot be tokenized ({exc})") from None
     return longest
+
+
+def check_teacher_topk(codec, problems, vocab_size):
+    """Each stored top-k against its solution as the trainer tokenizes it (one entry per token, EOS included) and
+    the student's vocabulary, before any training (problems without any: --eval_data's, are skipped)."""
+    for problem in problems:
+        for number, (solution, entry) in enumerate(zip(problem.teacher_solutions, problem.teacher_topk or [])):
+            tokens = len(codec.solution_ids(solution))
+            where = f"{problem.source}: teacher top-k {number}"
+            if len(entry["ids"][0]) != tokens:
+                raise DataError(f"{where} has {len(entry['ids'][0])} tokens per teacher; its solution is {tokens} "
+                                "tokens (EOS included)")
+            largest = max(i for teacher in entry["ids"] for position in teacher for i in position)
+            if largest >= vocab_size:
+                raise DataError(f"{where}: token id {largest} is outside the student's vocabulary ({vocab_size})")
 
 
 class ProblemSource:

@@ -20,6 +20,7 @@ MERGE = {
     # dypo_loss's
     "num_prompts_sft": SUM, "num_prompts_rl": SUM, "num_tokens_rl": SUM, "num_pairs": SUM,
     "loss_sft": "num_prompts_sft", "loss_grpo": "num_prompts_rl", "loss_gal": "num_pairs",
+    "hard_kl": "num_prompts_sft",  # the trainer's --hard_loss kl|sft_kl term
     "pair_accuracy": "num_pairs", "mean_margin": "num_pairs",
     **{name: "num_tokens_rl" for name in ("mean_ratio", "mean_entropy", "mean_kl", "clip_fraction_low",
                                           "clip_fraction_high")},
@@ -27,6 +28,7 @@ MERGE = {
 WEIGHTS = {name: rule for name, rule in MERGE.items() if rule in MERGE}  # weighted metric: its count
 # dypo_loss's loss terms: given BatchTotals, each part's value is its share of the whole's, and the shares add up
 LOSS_TERMS = ("loss_sft", "loss_grpo", "loss_gal")
+TRAINER_LOSS_TERMS = (*LOSS_TERMS, "hard_kl")  # and the trainer's KL term of hard prompts, normalised the same way
 
 
 def merge_metrics(parts):

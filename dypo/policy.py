@@ -119,7 +119,8 @@ def resolve_runtime(config, device=None) -> Runtime:
 TINY_HEADS, TINY_KV_HEADS, TINY_POSITIONS = 4, 2, 64
 
 
-def _tiny_model(config, vocab_size, attention):
+def tiny_model(config, vocab_size, attention):
+    """The embedded Qwen2 of ``config``'s hidden_size and num_layers, randomly initialised."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model_config = Qwen2Config(vocab_size=vocab_size, hidden_size=config.hidden_size,
@@ -131,26 +132,45 @@ def _tiny_model(config, vocab_size, attention):
     return Qwen2ForCausalLM(model_config)
 
 
-def _pretrained(directory, attention):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _loaded(directory, option, load):
+    """load(), its exception a ModelError naming the option and directory."""
+    try:
+        return load()
+    except Exception as exc:  # transformers, safetensors and tokenizers raise many unrelated types here
+        raise ModelError(f"{option} {directory}: cannot load it ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+                         ) from None
 
+
+def _model_directory(directory, option):
     path = Path(directory)
     if not (path / "config.json").is_file():
-        raise ModelError(f"--model {directory}: not a Hugging Face model directory (no config.json there); "
+        raise ModelError(f"{option} {directory}: not a Hugging Face model directory (no config.json there); "
                          "nothing is downloaded, give a local directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                     attn_implementation=attention)
-    except Exception as exc:  # transformers, safetensors and tokenizers raise many unrelated types here
-        raise ModelError(f"--model {directory}: cannot load it ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
-                         ) from None
+    return path
+
+
+def pretrained_model(directory, attention, option="--model"):
+    """The fp32 causal LM of a local Hugging Face directory (nothing is downloaded); a ModelError naming ``option``
+    when it is not one or cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    path = _model_directory(directory, option)
+    return _loaded(directory, option, lambda: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32, attn_implementation=attention))
+
+
+def _pretrained(directory, attention):
+    from transformers import AutoTokenizer
+
+    path = _model_directory(directory, "--model")
+    tokenizer = _loaded(directory, "--model", lambda: AutoTokenizer.from_pretrained(path, local_files_only=True))
+    model = pretrained_model(directory, attention)
     eos = model.generation_config.eos_token_id
     return model, HFCodec(tokenizer, eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 @torch.no_grad()
-def check_head(model, directory, runtime):
+def check_head(model, directory, runtime, option="--model"):
     """The fused losses compute lm_head(last hidden state); refuse models whose logits are anything else (soft
     capping, logit scaling, multipliers), checked on a few tokens."""
     ids = torch.arange(8, device=next(model.parameters()).device).remainder(model.config.vocab_size).unsqueeze(0)
@@ -160,7 +180,7 @@ def check_head(model, directory, runtime):
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         projected = torch.nn.functional.linear(hidden, weight, bias).float()
     if not torch.allclose(logits, projected, rtol=1e-3, atol=1e-3 * (1 + projected.abs().max().item())):
-        raise ModelError(f"--model {directory}: its logits are not lm_head(last hidden state) (a scaled or "
+        raise ModelError(f"{option} {directory}: its logits are not lm_head(last hidden state) (a scaled or "
                          "soft-capped output head?); the fused losses do not support it")
 
 
@@ -212,7 +232,7 @@ def load_policy(config, device=None, on_device=True):
         model, codec = _pretrained(config.model, runtime.attn_implementation)
     else:
         codec = CharCodec()
-        model = _tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
+        model = tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
     runtime.liger = _apply_liger(model, runtime, config)
     if on_device:
         model.to(runtime.device)

@@ -40,7 +40,7 @@ def route_groups(grades, strategy, step, config):
 @dataclasses.dataclass
 class Row:
     """One training sequence: prompt + completion token ids; RL rows carry their rollout-time log-probs (one per
-    completion token) and advantage."""
+    completion token) and advantage, SFT rows under --teacher_topk_field their solution's stored teacher top-k."""
 
     ids: List[int]
     prompt_length: int
@@ -48,6 +48,7 @@ class Row:
     advantage: float = 0.0
     old_logps: Optional[List[float]] = None
     ref_logps: Optional[List[float]] = None
+    teacher_topk: Optional[dict] = None
 
 
 @dataclasses.dataclass

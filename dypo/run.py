@@ -25,7 +25,7 @@ from typing import Optional
 
 from dypo import checkpoint, distributed, plots, policy
 from dypo.config import Config, parse_config
-from dypo.data import DataError, Problem, check_encodable, load_data
+from dypo.data import DataError, Problem, check_encodable, check_teacher_topk, load_data
 from dypo.rewards import RewardError, load_reward, probe_reward
 from dypo.trainer import Trainer
 
@@ -140,6 +140,8 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     probe_reward(reward_function, problems or eval_problems)
     trainer = Trainer(config, problems, reward_function, world)
     longest = check_encodable(trainer.codec, (problems or [_longest_builtin(config)]) + eval_problems)
+    if config.teacher_topk_field:
+        check_teacher_topk(trainer.codec, problems + eval_problems, policy.lm_head(trainer.model)[0].shape[0])
     warning = policy.check_positions(trainer.model, longest, config.max_new_tokens, config.model)
     if warning and world.main:
         _warn(warning)
@@ -233,6 +235,8 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
                "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy"),
                "offline_ratio_curve": curve("offline_ratio"), "entropy_curve": curve("entropy"),
                "runtime": trainer.runtime.describe()}
+    if config.hard_loss != "sft":
+        summary["hard_kl_curve"] = curve("hard_kl")
     if config.model:
         weights = trainer.full_state_dict()
         if trainer.world.main:

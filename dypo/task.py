@@ -41,6 +41,9 @@ def _teachers(a, b):
     return [f"{total}", f"({b}+{a})={total}"]
 
 
+TEACHER_STYLES = len(_teachers(0, 0))  # the rule-based teachers, each a solution style
+
+
 def make_problem(rng: random.Random, digits: int) -> Problem:
     """a + b with operands of ``digits`` digits: one digit is easy to learn, three are hard."""
     low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1

@@ -4,8 +4,9 @@ k rollouts per prompt are scored (rewards, and the policy's log-probs for the RL
 grades each prompt's group and gives its advantages; routing sends hard prompts' teacher solutions (one drawn
 uniformly, or all) to the SFT queue and mid groups' rollouts to the RL queue, and drops easy ones; whenever the
 queues hold train_batch_size prompts, one update: a policy forward to hidden states, dypo_loss with lm_head.weight
-(no logits), clip, optimizer step. Strategies for comparison: dypo (default), grpo, sft, sft_then_rl (routing.py).
-Under torchrun the same run is sharded with FSDP2 (distributed.py)."""
+(no logits), clip, optimizer step; with --hard_loss kl or sft_kl, plus the hard rows' divergence toward the
+teachers (teachers.py). Strategies for comparison: dypo (default), grpo, sft, sft_then_rl (routing.py). Under
+torchrun the same run is sharded with FSDP2 (distributed.py)."""
 
 import copy
 import dataclasses
@@ -19,11 +20,11 @@ from typing import List
 
 import torch
 
-from dypo import distributed, policy
+from dypo import distributed, policy, teachers
 from dypo.batches import completion_logprobs, loss_batch
 from dypo.config import Config
 from dypo.data import Problem, ProblemSource
-from dypo.metrics import LOSS_TERMS, MERGE, merge_metrics, read_metrics
+from dypo.metrics import MERGE, TRAINER_LOSS_TERMS, merge_metrics, read_metrics
 from dypo.rewards import load_reward, score
 from dypo.routing import Queues, Row, route_groups
 from dypo.vllm_engine import prepare_vllm, start_vllm
@@ -61,6 +62,13 @@ class Trainer:
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy = policy.FusedHead(self.model, self.runtime)
         self.reference_head = policy.FusedHead(self.reference, self.runtime)
+        # the teachers stay outside the policy: never trained, never in a checkpoint (a resumed run loads them again)
+        self.hard_kl = None
+        if config.hard_loss != "sft":
+            models = teachers.load_teachers(config, self.model, self.runtime,
+                                            say=print if self.world.main else lambda line: None) \
+                if config.teacher_models else None
+            self.hard_kl = teachers.HardKL(config, self.runtime, models)
         vllm_model = prepare_vllm(config, self.model, self.runtime) if config.use_vllm else None
         if self.world.distributed:
             distributed.shard(self.policy, self.model, self.world.device)
@@ -146,8 +154,9 @@ class Trainer:
         advantages = graded.advantages.tolist()
         routed_here = []
         for g, (problem, route) in enumerate(zip(rollouts.problems, routes)):
-            solutions = problem.teacher_solutions if config.sft_teachers == "all" or route != Route.SFT else \
-                [self.rng.choice(problem.teacher_solutions)]
+            drawn = range(len(problem.teacher_solutions))
+            if config.sft_teachers == "one" and route == Route.SFT:
+                drawn = [self.rng.choice(drawn)]
             if not first <= g < first + len(rows) // k:
                 continue
             own = rows[(g - first) * k:(g - first + 1) * k]
@@ -157,8 +166,10 @@ class Trainer:
                 routed_here.append((Route.RL, own))
             elif route == Route.SFT:
                 prompt = own[0].ids[:own[0].prompt_length]
-                routed_here.append((Route.SFT, [Row(prompt + self.codec.solution_ids(text), len(prompt))
-                                                for text in solutions]))
+                routed_here.append((Route.SFT, [
+                    Row(prompt + self.codec.solution_ids(problem.teacher_solutions[j]), len(prompt),
+                        teacher_topk=None if problem.teacher_topk is None else problem.teacher_topk[j])
+                    for j in drawn]))
         for route, group_rows in self.world.gather_objects(routed_here):
             self.queues.push(step, route, group_rows)
 
@@ -181,8 +192,7 @@ class Trainer:
         (micro-batches, ranks), every part is normalised by the whole update's BatchTotals, so the parts add up to
         the whole update's loss and gradient for every loss_type. Its metrics are read in one device-to-host copy."""
         size = self.config.micro_batch_size or len(groups)
-        batches = [loss_batch(groups[start:start + size], self.codec.pad_id, self.world.device)
-                   for start in range(0, len(groups), size)]
+        batches = [self.batch(groups[start:start + size]) for start in range(0, len(groups), size)]
         split = len(batches) > 1 or self.world.distributed
         totals = None
         if split:
@@ -205,30 +215,56 @@ class Trainer:
         loss = sum(part.pop("loss") for part in parts)
         loss_metrics = merge_metrics(parts)
         if split:  # each part holds its share of the whole update's loss terms: their sums are the update's
-            shares = {name: sum(part.get(name, 0.0) for part in parts) for name in LOSS_TERMS}
+            shares = {name: sum(part.get(name, 0.0) for part in parts) for name in TRAINER_LOSS_TERMS
+                      if any(name in part for part in parts)}  # hard_kl: only where a part has hard rows
             shares["loss"] = loss
             everyone = self.world.gather_objects([shares])
-            whole = {name: sum(rank[name] for rank in everyone) for name in shares}
+            whole = {name: sum(rank.get(name, 0.0) for rank in everyone) for name in TRAINER_LOSS_TERMS + ("loss",)
+                     if any(name in rank for rank in everyone)}
             loss = whole.pop("loss")
             loss_metrics.update(whole)
         return {"loss": loss, "grad_norm": norm["grad_norm"], "learning_rate": self.scheduler.get_last_lr()[0],
                 "train_tokens": sum(len(row.ids) - row.prompt_length for group in groups for row in group.rows),
                 **{name: value for name, value in loss_metrics.items() if name in MERGE}}
 
+    def batch(self, groups):
+        """loss_batch's tensors of routed groups, and with --hard_loss kl or sft_kl the teachers' side of their hard
+        rows (``hard``: None when there are none)."""
+        batch = loss_batch(groups, self.codec.pad_id, self.world.device)
+        if self.hard_kl is not None:
+            batch["hard"] = self.hard_kl.inputs(groups, self.codec.pad_id, self.world.device)
+        return batch
+
     def loss(self, batch, alpha, totals=None):
-        """dypo_loss on a batch (loss_batch's tensors) after one forward of the policy to hidden states,
-        normalised over the whole update's ``totals`` when the batch is a part of it: (loss, metrics)."""
+        """dypo_loss on a batch (Trainer.batch's tensors) after one forward of the policy to hidden states,
+        normalised over the whole update's ``totals`` when the batch is a part of it: (loss, metrics). With
+        --hard_loss kl or sft_kl the hard prompts' term is gamma L_SFT (sft_kl only) + kl_coef L_KL, L_KL the token
+        mean of the divergence over their solution tokens, weighted by the hard share of the update's prompts as
+        dypo_loss weighs L_SFT; metric ``hard_kl``: L_KL (this part's share of it with ``totals``), where the batch
+        has hard rows."""
         config = self.config
-        return self.policy(batch["ids"], batch["attention"], lambda hidden, weight, bias: dypo_loss(
-            hidden, weight, batch["targets"], mask=batch["mask"], route=batch["route"], rewards=batch["rewards"],
-            group_index=batch["group_index"], advantages=batch["advantages"], old_logps=batch["old_logps"],
-            ref_logps=batch["ref_logps"], alpha=alpha, gamma=config.gamma, beta_gal=config.beta_gal,
-            beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, loss_type=config.loss_type,
-            bias=bias, temperature=config.temperature, use_bias_correction_kl=config.use_bias_correction_kl,
-            entropy_coef=config.entropy_coef, delta=config.delta or None,
-            importance_sampling_level=config.importance_sampling_level,
-            sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
-            batch_totals=totals, return_metrics=True))
+
+        def objective(hidden, weight, bias):
+            loss, metrics = dypo_loss(
+                hidden, weight, batch["targets"], mask=batch["mask"], route=batch["route"], rewards=batch["rewards"],
+                group_index=batch["group_index"], advantages=batch["advantages"], old_logps=batch["old_logps"],
+                ref_logps=batch["ref_logps"], alpha=alpha, gamma=0.0 if config.hard_loss == "kl" else config.gamma,
+                beta_gal=config.beta_gal, beta_kl=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high,
+                loss_type=config.loss_type, bias=bias, temperature=config.temperature,
+                use_bias_correction_kl=config.use_bias_correction_kl, entropy_coef=config.entropy_coef,
+                delta=config.delta or None, importance_sampling_level=config.importance_sampling_level,
+                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+                batch_totals=totals, return_metrics=True)
+            if self.hard_kl is not None and batch["hard"] is not None:
+                kl, tokens = self.hard_kl.loss(hidden, weight, bias, batch["hard"])
+                prompts_sft, prompts_rl, tokens_sft = (totals.prompts_sft, totals.prompts_rl, totals.tokens_sft) \
+                    if totals is not None else (metrics["num_prompts_sft"], metrics["num_prompts_rl"], tokens)
+                kl = kl * (tokens / max(tokens_sft, 1))  # this part's share of the update's token mean
+                metrics["hard_kl"] = kl.detach()
+                loss = loss + config.kl_coef * prompts_sft / max(prompts_sft + prompts_rl, 1) * kl
+            return loss, metrics
+
+        return self.policy(batch["ids"], batch["attention"], objective)
 
     # evaluation and state -------------------------------------------------------------------------------------
     def evaluate(self, problems):
