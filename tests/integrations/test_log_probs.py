@@ -360,4 +360,7 @@ def test_trl_fused_logps_scores_without_the_logits():
     full = measure("trl_logits", N=4096, D=D, V=V)
     logits_mb = 4096 * V * 4 / MB
     assert full["peak_extra_mb"] > logits_mb, full
-    assert fused["peak_extra_mb"] < contract_mb(4096, D, V) + fused["decoder_mb"] < 0.25 * logits_mb, fused
+    # the measured peak under the contract plus the decoder's own activations, and far under the logits (the bound
+    # itself holds a measured term, so it is not compared with the logits)
+    assert fused["peak_extra_mb"] < contract_mb(4096, D, V) + fused["decoder_mb"], fused
+    assert fused["peak_extra_mb"] < 0.25 * logits_mb, fused
