@@ -4,7 +4,7 @@ dypo_loss trains on."""
 import torch
 
 from dypo import distributed
-from dypo_kernels import fused_linear_logprobs
+from dypo_kernels import Route, fused_linear_logprobs
 
 
 def padded_batch(rows, pad_id):
@@ -49,7 +49,7 @@ def completion_logprobs(head, rows, pad_id, device, temperature, entropy=False, 
 
 def loss_batch(groups, pad_id, device):
     """The tensors of a batch of routed groups on ``device``, as dypo_loss takes them (and ids, attention for the
-    policy's forward)."""
+    policy's forward; ``off_policy``: the indices of luffy's teacher rows, or None)."""
     rows = [row for group in groups for row in group.rows]
     ids, attention, targets, mask = padded_batch(rows, pad_id)
 
@@ -62,8 +62,11 @@ def loss_batch(groups, pad_id, device):
                 values[i, mask[i]] = torch.tensor(getattr(row, name))
         return values.to(device)
 
+    off_policy = [i for i, row in enumerate(rows) if row.off_policy]  # dypo_loss skips them (strategy luffy)
     return dict(ids=ids.to(device), attention=attention.to(device), targets=targets.to(device), mask=mask.to(device),
-                route=torch.tensor([group.route for group in groups for _ in group.rows], device=device),
+                route=torch.tensor([Route.SKIP if row.off_policy else group.route for group in groups
+                                    for row in group.rows], device=device),
+                off_policy=torch.tensor(off_policy, device=device) if off_policy else None,
                 group_index=torch.tensor([g for g, group in enumerate(groups) for _ in group.rows], device=device),
                 rewards=torch.tensor([row.reward for row in rows], device=device),
                 advantages=torch.tensor([row.advantage for row in rows], device=device),

@@ -8,7 +8,8 @@ import json
 import math
 from pathlib import Path
 
-STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl")
+STRATEGIES = ("dypo", "grpo", "sft", "sft_then_rl", "sft_rl", "luffy")
+INITS = ("base", "random")
 SCHEDULES = ("constant", "linear", "cosine")
 SFT_TEACHERS = ("one", "all")
 SWITCHES = ("auto", "true", "false")
@@ -16,7 +17,7 @@ HARD_LOSSES = ("sft", "kl", "sft_kl")
 # what --resume may change: how long the run goes on, what it logs, and how its work is cut into pieces to fit in
 # memory (the chunk sizes; generation_batch_size changes which random numbers each rollout draws), and which engine
 # samples the rollouts (use_vllm), not the method
-RESUMABLE = ("max_steps", "logging_steps", "save_steps", "save_total_limit", "sample_steps", "num_samples",
+RESUMABLE = ("max_steps", "logging_steps", "plots", "save_steps", "save_total_limit", "sample_steps", "num_samples",
              "ddp_timeout", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size", "use_vllm",
              "vllm_gpu_memory_utilization", "vllm_max_model_length", "output_dir")
 
@@ -32,19 +33,22 @@ class Config:
 
     # run
     output_dir: str = option("runs/dypo-tiny", "run directory (config, metrics, samples, plots, checkpoints)")
-    strategy: str = option("dypo", f"one of {', '.join(STRATEGIES)}")
+    strategy: str = option("dypo", f"one of {', '.join(STRATEGIES)} (docs/trainer.md, Strategies)")
     max_steps: int = option(1500, "generation steps (each: prompts_per_step prompts x num_generations rollouts)")
     seed: int = option(0, "seed of the data order, sampling and initialisation")
     logging_steps: int = option(150, "steps per progress line (and per point of the summary's curves)")
     save_steps: int = option(500, "steps between checkpoints (the last step is always saved)")
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
     ddp_timeout: int = option(1800, "torchrun: seconds a collective may wait before a missing rank ends the run")
+    plots: bool = option(True, "write the PNG plots of the run into output_dir: true, false")
     sample_steps: int = option(150, "steps between writes of sample completions to samples.jsonl")
     num_samples: int = option(4, "completions written each time")
     # model
     model: str = option("", "local Hugging Face causal LM directory; empty: the embedded tiny Qwen2")
     hidden_size: int = option(64, "embedded model only: hidden size")
     num_layers: int = option(2, "embedded model only: decoder layers")
+    init: str = option("base", "embedded model only: base (the built-in base model, pretrained once and cached: "
+                               "python -m dypo.pretrain) or random (a random initialisation)")
     bf16: str = option("auto", "bf16 autocast: auto (on when CUDA supports it), true, false",
                        switch=True)
     attn_implementation: str = option("auto", "auto (flash_attention_2 when flash-attn is installed on CUDA, "
@@ -61,6 +65,8 @@ class Config:
                                            "messages with a content)")
     eval_data: str = option("", "file of evaluation prompts (same fields); empty: eval_prompts held out of --data "
                                 "(or drawn from the built-in task)")
+    ood_data: tuple = option((), "files of out-of-distribution evaluation prompts (same fields), one set each, "
+                                 "never trained on; the built-in task has its own (docs/trainer.md)")
     eval_prompts: int = option(64, "evaluation prompts (greedy decoding, before and after training)")
     max_digits: int = option(2, "built-in task only: most digits per operand")
     reward: str = option("", "module:function called as f(prompts, completions, ground_truth=...) -> floats; "
@@ -68,7 +74,7 @@ class Config:
     # rollouts
     num_generations: int = option(8, "rollouts per prompt (k)")
     prompts_per_step: int = option(8, "prompts sampled per step")
-    max_new_tokens: int = option(10, "rollout length limit")
+    max_new_tokens: int = option(12, "rollout length limit")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
     # update
     train_batch_size: int = option(8, "prompts per update: an update fires whenever the SFT and RL queues "
@@ -110,6 +116,10 @@ class Config:
     scale_rewards: str = option("group", "advantage scaling: group, batch, none (Dr.GRPO)")
     switch_gate: int = option(0, "plain GRPO before this step (DYPO's routing after)")
     sft_teachers: str = option("one", "hard prompts: SFT on one teacher solution drawn uniformly, or on all")
+    num_teachers: int = option(0, "teachers whose solutions are used: the first num_teachers of each problem's; "
+                                  "0: all")
+    luffy_gamma: float = option(0.1, "strategy luffy: policy shaping p / (p + luffy_gamma) of the teacher "
+                                     "trajectory's token probabilities")
     hard_loss: str = option("sft", "hard prompts' loss on the drawn teacher trajectory: sft (eq. 5), kl (a "
                                    "divergence toward the teachers' next-token distributions on its solution tokens), "
                                    "sft_kl (gamma SFT + kl_coef KL)")
@@ -145,7 +155,7 @@ def _check(config: Config, fail):
     choices = {"strategy": STRATEGIES, "loss_type": LOSS_TYPES, "scale_rewards": SCALES,
                "lr_scheduler_type": SCHEDULES, "sft_teachers": SFT_TEACHERS, "bf16": SWITCHES,
                "importance_sampling_level": ("token", "sequence"),
-               "use_liger_kernel": SWITCHES, "hard_loss": HARD_LOSSES, "kl_divergence": DIVERGENCES,
+               "use_liger_kernel": SWITCHES, "hard_loss": HARD_LOSSES, "init": INITS, "kl_divergence": DIVERGENCES,
                "kl_aggregate": AGGREGATES}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
@@ -180,9 +190,19 @@ def _check(config: Config, fail):
         fail(f"delta caps the ratio of the clipped objective; loss_type {config.loss_type} has none")
     if config.importance_sampling_level == "sequence" and config.loss_type in ("cispo", "sapo"):
         fail(f"importance_sampling_level sequence is not defined for loss_type {config.loss_type}")
-    for name in ("gamma", "kl_coef", "beta_gal", "beta", "epsilon_high", "delta", "switch_gate", "weight_decay",
-                 "num_samples", "micro_batch_size", "log_prob_micro_batch_size", "generation_batch_size",
-                 "vllm_max_model_length"):
+    if not config.luffy_gamma > 0:
+        fail(f"luffy_gamma must be positive; got {config.luffy_gamma}")
+    if config.strategy == "luffy" and config.loss_type not in ("grpo", "dapo"):
+        fail(f"strategy luffy aggregates its on- and off-policy tokens as loss_type grpo (sequence means) or dapo "
+             f"(token mean); got loss_type {config.loss_type}")
+    if config.strategy == "luffy" and config.micro_batch_size:
+        fail("strategy luffy takes each update whole: micro_batch_size must be 0")
+    if config.strategy == "luffy" and config.num_generations < 2:
+        fail("strategy luffy puts a teacher trajectory in place of one of num_generations rollouts: it needs at least "
+             f"2; got {config.num_generations}")
+    for name in ("gamma", "kl_coef", "beta_gal", "num_teachers", "beta", "epsilon_high", "delta", "switch_gate",
+                 "weight_decay", "num_samples", "micro_batch_size", "log_prob_micro_batch_size",
+                 "generation_batch_size", "vllm_max_model_length"):
         if getattr(config, name) < 0:
             fail(f"{name} must be >= 0; got {getattr(config, name)}")
     if config.reward and (config.reward.count(":") != 1 or not all(config.reward.split(":"))):
@@ -197,6 +217,8 @@ def _check(config: Config, fail):
              f"heads, each of an even size for rotary positions); got {config.hidden_size}")
     if config.eval_data and not config.data:
         fail("eval_data needs data (the built-in task draws its own evaluation prompts)")
+    if config.ood_data and not config.data:
+        fail("ood_data needs data (the built-in task draws its own out-of-distribution prompts)")
     _check_teachers(config, fail)
     valid_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
     if config.attn_implementation not in valid_attention:
@@ -220,8 +242,9 @@ def _check_teachers(config, fail):
     if not models and not field:
         fail(f"hard_loss {config.hard_loss} needs a teacher source: --teacher_models DIR [DIR ...] (or builtin) or "
              "--teacher_topk_field NAME")
-    if config.strategy == "grpo":
-        fail(f"hard_loss {config.hard_loss} trains the hard prompts' teacher trajectories; strategy grpo has none")
+    if config.strategy in ("grpo", "luffy"):
+        fail(f"hard_loss {config.hard_loss} trains the hard prompts' teacher trajectories by SFT; strategy "
+             f"{config.strategy} has none")
     if BUILTIN in models and (len(models) > 1 or config.model or config.data):
         fail("teacher_models builtin stands alone, for the built-in task and the embedded model (no --model, no "
              "--data)")

@@ -195,6 +195,22 @@ def load_data(config):
     return training, [problems[i] for i in order[:config.eval_prompts]]
 
 
+def extra_eval_sets(config):
+    """The evaluation sets besides the test set: {name: problems}. The built-in task's validation set (for choosing
+    settings without the test set: python -m dypo.compare) and its out-of-distribution sets (task.OOD_SETS, named
+    ``ood_<set>``), eval_prompts each; with --data, one ``ood_<file stem>`` set per --ood_data file."""
+    from dypo import task
+
+    if config.data:
+        fields = {"prompt_field": config.prompt_field, "answer_field": config.answer_field,
+                  "teachers_field": config.teachers_field}
+        return {f"ood_{Path(path).stem}": load_problems(path, option="--ood_data", **fields)[:config.eval_prompts]
+                for path in config.ood_data}
+    sets = {"validation": task.make_problems(random.Random(config.seed + 2), config.eval_prompts, config.max_digits)}
+    ood = task.ood_problems(random.Random(config.seed + 3), config.eval_prompts, config.max_digits)
+    return {**sets, **{f"ood_{name}": problems for name, problems in ood.items()}}
+
+
 def check_encodable(codec, problems) -> int:
     """Every prompt and teacher solution through the tokenizer before any training, so that a bad record is an
     error up front rather than mid-run. Returns the longest prompt's length in tokens."""

@@ -120,7 +120,8 @@ TINY_HEADS, TINY_KV_HEADS, TINY_POSITIONS = 4, 2, 64
 
 
 def tiny_model(config, vocab_size, attention):
-    """The embedded Qwen2 of ``config``'s hidden_size and num_layers, randomly initialised."""
+    """The embedded Qwen2 of ``config``'s hidden_size and num_layers, randomly initialised (load_policy loads the
+    base model's weights into it under ``--init base``)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model_config = Qwen2Config(vocab_size=vocab_size, hidden_size=config.hidden_size,
@@ -233,6 +234,12 @@ def load_policy(config, device=None, on_device=True):
     else:
         codec = CharCodec()
         model = tiny_model(config, codec.tokenizer.vocab_size, runtime.attn_implementation)
+        if config.init == "base":
+            from safetensors.torch import load_model
+
+            from dypo import pretrain
+
+            load_model(model, str(pretrain.base_model(config) / "model.safetensors"))
     runtime.liger = _apply_liger(model, runtime, config)
     if on_device:
         model.to(runtime.device)

@@ -26,21 +26,34 @@ def is_plain_grpo(strategy, step, config):
 
 
 def route_groups(grades, strategy, step, config):
-    """The Route of each prompt's group from its Grade under ``strategy`` (DYPO's rule, routes_of; the sft
-    strategy, and sft_then_rl's first half, send every group to SFT), and the alpha of this step's RL term (1:
-    plain GRPO)."""
+    """The Route of each prompt's group from its Grade under ``strategy``, and the alpha of this step's RL term (1:
+    plain GRPO). dypo: DYPO's rule (routes_of). sft, and sft_then_rl's first half: every group to SFT. sft_rl
+    (multi-teacher SFT + RL, no grading): every group to RL, and the trainer queues its teacher solution for SFT as
+    well. luffy: every group but the easy ones to RL, where the trainer puts a teacher trajectory in place of one
+    rollout."""
     plain = is_plain_grpo(strategy, step, config)
     if strategy == "sft" or (strategy == "sft_then_rl" and not plain):
-        routes = [Route.SFT] * len(grades)
-    else:
-        routes = [Route(route) for route in routes_of(grades, plain_grpo=plain).tolist()]
-    return routes, (1.0 if plain else config.alpha)
+        return [Route.SFT] * len(grades), config.alpha  # no RL rows: alpha weighs nothing
+    if strategy in ("sft_rl", "luffy"):
+        grades = torch.as_tensor(grades, dtype=torch.long).tolist()
+        skip = strategy == "luffy"
+        return [Route.SKIP if skip and grade == Grade.EASY else Route.RL for grade in grades], 1.0
+    return [Route(route) for route in routes_of(grades, plain_grpo=plain).tolist()], (1.0 if plain else config.alpha)
+
+
+def offline_share(route, strategy, group_size):
+    """The off-policy (teacher) share of a trained prompt's data: 1 for SFT, 0 for RL on its own rollouts; luffy's
+    mixed group holds one teacher trajectory in ``group_size``; sft_rl trains each prompt by SFT and RL alike."""
+    if route == Route.SFT:
+        return 1.0
+    return {"luffy": 1.0 / group_size, "sft_rl": 0.5}.get(strategy, 0.0)
 
 
 @dataclasses.dataclass
 class Row:
     """One training sequence: prompt + completion token ids; RL rows carry their rollout-time log-probs (one per
-    completion token) and advantage, SFT rows under --teacher_topk_field their solution's stored teacher top-k."""
+    completion token) and advantage, SFT rows under --teacher_topk_field their solution's stored teacher top-k;
+    ``off_policy``: a teacher trajectory in an RL group (strategy luffy), trained by the trainer's off-policy term."""
 
     ids: List[int]
     prompt_length: int
@@ -49,6 +62,7 @@ class Row:
     old_logps: Optional[List[float]] = None
     ref_logps: Optional[List[float]] = None
     teacher_topk: Optional[dict] = None
+    off_policy: bool = False
 
 
 @dataclasses.dataclass

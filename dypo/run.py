@@ -25,7 +25,7 @@ from typing import Optional
 
 from dypo import checkpoint, distributed, plots, policy
 from dypo.config import Config, parse_config
-from dypo.data import DataError, Problem, check_encodable, check_teacher_topk, load_data
+from dypo.data import DataError, Problem, check_encodable, check_teacher_topk, extra_eval_sets, load_data
 from dypo.rewards import RewardError, load_reward, probe_reward
 from dypo.trainer import Trainer
 
@@ -39,6 +39,8 @@ def main(argv=None):
     for name in ("prompts_per_step", "train_batch_size"):
         if getattr(config, name) % size:
             _fail(f"{name} ({getattr(config, name)}) must be a multiple of the number of processes ({size})")
+    if config.strategy == "luffy" and size > 1:
+        _fail("strategy luffy runs in one process (its mixed groups' advantages are taken where they are rolled out)")
     # before anything else, --overwrite_output_dir included: no two runs ever write one directory (under torchrun
     # the main process holds the lock for all of them)
     with RunLock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
@@ -136,10 +138,12 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
             f"{out} is already at step {newest[1]['step']} ({newest[0].name}); --max_steps {config.max_steps} would "
             f"go back (give --max_steps {newest[1]['step']} or more)")
     problems, eval_problems = load_data(config)
+    other_sets = extra_eval_sets(config)
     reward_function = load_reward(config.reward)
     probe_reward(reward_function, problems or eval_problems)
     trainer = Trainer(config, problems, reward_function, world)
-    longest = check_encodable(trainer.codec, (problems or [_longest_builtin(config)]) + eval_problems)
+    longest = check_encodable(trainer.codec, (problems or [_longest_builtin(config)]) + eval_problems +
+                              [problem for problems_of_set in other_sets.values() for problem in problems_of_set])
     if config.teacher_topk_field:
         check_teacher_topk(trainer.codec, problems + eval_problems, policy.lm_head(trainer.model)[0].shape[0])
     warning = policy.check_positions(trainer.model, longest, config.max_new_tokens, config.model)
@@ -153,11 +157,13 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     if newest:
         state = _load(out, newest[0], trainer, config, world)
         accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
+        sets_before = state.get("eval_sets_before") or _evaluate_sets(trainer, other_sets)
         _say(world, f"resumed {out} from {newest[0].name}")
     else:
         if resume:
             _say(world, f"{out} has no checkpoint yet: starting from step 0")
         accuracy_before, elapsed = trainer.evaluate(eval_problems), 0.0
+        sets_before = _evaluate_sets(trainer, other_sets)
     if world.main:
         config_file = out / "config.json.partial"
         config_file.write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -187,7 +193,8 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
                 bar.write(_progress_line(history[-config.logging_steps:], step + 1, config.max_steps), file=sys.stdout)
                 sys.stdout.flush()
             if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-                state = trainer.state({"eval_accuracy_before": accuracy_before, "seconds": metrics["seconds"]})
+                state = trainer.state({"eval_accuracy_before": accuracy_before, "eval_sets_before": sets_before,
+                                       "seconds": metrics["seconds"]})
                 if world.distributed:
                     checkpoint.save_sharded(out, trainer.step, trainer.policy, trainer.optimizer, trainer.scheduler,
                                             state, world, keep=config.save_total_limit)
@@ -196,7 +203,13 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
                                     keep=config.save_total_limit)
     bar.close()
     accuracy_after = trainer.evaluate(eval_problems)
-    return _finish(config, out, history, accuracy_before, accuracy_after, len(eval_problems), trainer)
+    sets = {name: {"before": sets_before[name], "after": after} for name, after in
+            _evaluate_sets(trainer, other_sets).items()}
+    return _finish(config, out, history, (accuracy_before, accuracy_after), sets, len(eval_problems), trainer)
+
+
+def _evaluate_sets(trainer, sets):
+    return {name: trainer.evaluate(problems) for name, problems in sets.items()}
 
 
 def _load(out, saved, trainer, config, world):
@@ -221,8 +234,12 @@ def _longest_builtin(config):
     return Problem(f"{operand}+{operand}=", "", ["0"])
 
 
-def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts, trainer):
-    """summary.json, the plots and the final model (--model), and the summary's lines on stdout."""
+def _finish(config, out, history, accuracy, sets, eval_prompts, trainer):
+    """summary.json, the plots and the final model (--model), and the summary's lines on stdout. ``accuracy``:
+    the test set's before and after; ``sets``: each other evaluation set's (extra_eval_sets), whose ``ood_*`` sets
+    give the out-of-distribution mean."""
+    accuracy_before, accuracy_after = accuracy
+    ood = {name.removeprefix("ood_"): value for name, value in sets.items() if name.startswith("ood_")}
     intervals = [history[i:i + config.logging_steps] for i in range(0, len(history), config.logging_steps)]
 
     def curve(key):
@@ -230,6 +247,11 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
 
     summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
                "eval_prompts": eval_prompts, "steps": len(history),
+               **{f"{name}_accuracy_{when}": value[when] for name, value in sets.items() if name == "validation"
+                  for when in ("before", "after")},
+               **({f"ood_accuracy_{when}": sum(v[when] for v in ood.values()) / len(ood)
+                   for when in ("before", "after")} if ood else {}),
+               "ood_sets": ood,
                "updates": trainer.updates, "seconds": history[-1]["seconds"] if history else 0.0,
                "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
                "mid_share_curve": curve("share_mid"), "easy_share_curve": curve("share_easy"),
@@ -244,16 +266,20 @@ def _finish(config, out, history, accuracy_before, accuracy_after, eval_prompts,
             trainer.codec.tokenizer.save_pretrained(out / "final_model")
     if not trainer.world.main:
         return summary
-    summary["plots"] = plots.write_plots(history, out, window=config.logging_steps)
-    if not summary["plots"]:
+    summary["plots"] = plots.write_plots(history, out, window=config.logging_steps) if config.plots else []
+    if config.plots and not summary["plots"]:
         _warn("matplotlib is not installed: no plots written (pip install 'dypo-kernels[train]')")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     n = config.logging_steps
     print(f"reward per {n} steps:     {' '.join(f'{v:.2f}' for v in summary['reward_curve'])}")
     print(f"hard share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['hard_share_curve'])}")
     print(f"easy share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
-    print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({summary['eval_prompts']} greedy prompts); "
-          f"run directory: {out}")
+    print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({summary['eval_prompts']} greedy prompts)")
+    if ood:
+        each = ", ".join(f"{name} {value['before']:.2f} -> {value['after']:.2f}" for name, value in ood.items())
+        print(f"out of distribution: {summary['ood_accuracy_before']:.2f} -> {summary['ood_accuracy_after']:.2f} "
+              f"({each})")
+    print(f"run directory: {out}")
     if not trainer.updates:
         _warn(f"no update in {trainer.step} steps: the SFT and RL queues never held train_batch_size "
               f"({config.train_batch_size}) prompts (every prompt easy, or the batch too large for the steps)")

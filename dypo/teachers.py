@@ -7,33 +7,19 @@ data records (``--teacher_topk_field``, fused_sparse_teacher_kl). ``--teacher_mo
 per rule-based teacher of the built-in task (task.py) by SFT on its solutions, cached on disk by a hash of its
 recipe."""
 
-import contextlib
 import dataclasses
-import hashlib
-import json
-import os
-import random
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from dypo import policy, task
+from dypo import policy, pretrain, task
 from dypo.batches import padded_batch
-from dypo.routing import Row
-from dypo_kernels import Route, fused_multi_teacher_kl, fused_sft_loss, fused_sparse_teacher_kl
+from dypo_kernels import Route, fused_multi_teacher_kl, fused_sparse_teacher_kl
 
 BUILTIN = "builtin"
 # how a built-in teacher is trained (with the student's hidden_size, num_layers and max_digits): part of its cache key
-BUILTIN_RECIPE = {"format": 1, "steps": 400, "batch_size": 32, "learning_rate": 3e-3, "seed": 0}
-
-
-def cache_root() -> Path:
-    """$XDG_CACHE_HOME/dypo/teachers, else ~/.cache/dypo/teachers."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dypo" / "teachers"
+BUILTIN_RECIPE = {"format": 1, "corpus": "teacher", "steps": 400, "batch_size": 32, "learning_rate": 3e-3, "seed": 0}
 
 
 def builtin_recipes(config):
@@ -42,74 +28,12 @@ def builtin_recipes(config):
              "max_digits": config.max_digits} for style in range(task.TEACHER_STYLES)]
 
 
-def builtin_teacher(recipe, say=print) -> Path:
-    """The directory of the built-in teacher of ``recipe``: from the cache, or trained and saved there first (written
-    under a temporary name and renamed, so a concurrent or killed build never leaves a partial one)."""
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    final = cache_root() / f"builtin-{key}"
-    if (final / "config.json").is_file():
-        return final
-    started = time.monotonic()
-    model = train_builtin_teacher(recipe)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".builtin-{key}-", dir=final.parent))
-    try:
-        model.save_pretrained(temporary)
-        (temporary / "recipe.json").write_text(json.dumps(recipe, indent=2))
-        os.replace(temporary, final)
-    except OSError:
-        if not (final / "config.json").is_file():  # not a concurrent build that won the rename
-            raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    say(f"built teacher {recipe['style']} of the built-in task in {time.monotonic() - started:.1f} s: {final}")
-    return final
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_builtin_teacher(recipe):
-    """A tiny Qwen2 of the student's architecture trained on CPU by SFT (fused_sft_loss) on one rule-based teacher's
-    solutions to fresh built-in problems, on one CPU thread (its many small operations run several times faster so
-    on a busy machine); the caller's torch random state and thread count are left as they were."""
-    from dypo.config import Config
-
-    codec = policy.CharCodec()
-    rng = random.Random(recipe["seed"])
-    with _one_thread(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe["seed"])
-        model = policy.tiny_model(Config(hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"]),
-                                  codec.tokenizer.vocab_size, "sdpa")
-        head = policy.FusedHead(model.train(), policy.Runtime(torch.device("cpu")))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"])
-        for _ in range(recipe["steps"]):
-            rows = []
-            for problem in task.make_problems(rng, recipe["batch_size"], recipe["max_digits"]):
-                prompt = codec.prompt_ids(problem.prompt)
-                rows.append(Row(prompt + codec.solution_ids(problem.teacher_solutions[recipe["style"]]), len(prompt)))
-            ids, attention, targets, mask = padded_batch(rows, codec.pad_id)
-            loss = head(ids, attention, lambda hidden, weight, bias: fused_sft_loss(hidden, weight, targets,
-                                                                                    mask=mask, bias=bias))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 def load_teachers(config, student, runtime, say=print):
     """The frozen teacher models of ``--teacher_models`` on the runtime's device, each checked to share the
     student's vocabulary (lm_head rows) and to compute its logits as lm_head(last hidden state); a ModelError naming
     the option otherwise."""
     if list(config.teacher_models) == [BUILTIN]:
-        directories = [builtin_teacher(recipe, say) for recipe in builtin_recipes(config)]
+        directories = [pretrain.cached_model(recipe, say) for recipe in builtin_recipes(config)]
     else:
         directories = [Path(directory) for directory in config.teacher_models]
     vocabulary = policy.lm_head(student)[0].shape[0]

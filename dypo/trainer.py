@@ -26,9 +26,9 @@ from dypo.config import Config
 from dypo.data import Problem, ProblemSource
 from dypo.metrics import MERGE, TRAINER_LOSS_TERMS, merge_metrics, read_metrics
 from dypo.rewards import load_reward, score
-from dypo.routing import Queues, Row, route_groups
+from dypo.routing import Queues, Row, offline_share, route_groups
 from dypo.vllm_engine import prepare_vllm, start_vllm
-from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, group_advantages
+from dypo_kernels import BatchTotals, Grade, Route, batch_totals, dypo_loss, fused_linear_logprobs, group_advantages
 
 
 @dataclasses.dataclass
@@ -103,7 +103,8 @@ class Trainer:
         self.enqueue(rollouts, graded, routes, step)
         updates = self.train_on_queues(alpha)
         seconds = time.monotonic() - started
-        metrics = {"step": step, **rollout_metrics(rollouts, rewards, graded, routes), "updates": len(updates),
+        metrics = {"step": step, **rollout_metrics(rollouts, rewards, graded, routes, self.config.strategy),
+                   "updates": len(updates),
                    "queued_prompts": len(self.queues), **merge_metrics(updates)}
         metrics.update({"step_seconds": seconds,
                         "tokens_per_second": (metrics["rollout_tokens"] + metrics.get("train_tokens", 0)) / seconds,
@@ -152,26 +153,44 @@ class Trainer:
             for row, logps in zip(rows, ref_logps):
                 row.ref_logps = logps
         advantages = graded.advantages.tolist()
-        routed_here = []
+        strategy, routed_here = config.strategy, []
         for g, (problem, route) in enumerate(zip(rollouts.problems, routes)):
-            drawn = range(len(problem.teacher_solutions))
-            if config.sft_teachers == "one" and route == Route.SFT:
+            drawn = range(min(len(problem.teacher_solutions), config.num_teachers or len(problem.teacher_solutions)))
+            taught = route == Route.SFT or route == Route.RL and strategy in ("luffy", "sft_rl")
+            if taught and (config.sft_teachers == "one" or strategy == "luffy"):
                 drawn = [self.rng.choice(drawn)]
             if not first <= g < first + len(rows) // k:
                 continue
             own = rows[(g - first) * k:(g - first + 1) * k]
-            if route == Route.RL:
+            prompt = own[0].ids[:own[0].prompt_length]
+            solutions = [Row(prompt + self.codec.solution_ids(problem.teacher_solutions[j]), len(prompt),
+                             teacher_topk=None if problem.teacher_topk is None else problem.teacher_topk[j])
+                         for j in drawn]
+            if route == Route.RL and strategy == "luffy":
+                routed_here.append((Route.RL, self.mixed_group(problem, own, solutions[0])))
+            elif route == Route.RL:
                 for j, row in enumerate(own):
                     row.advantage = advantages[g * k + j]
+                if strategy == "sft_rl":
+                    routed_here.append((Route.SFT, solutions))
                 routed_here.append((Route.RL, own))
             elif route == Route.SFT:
-                prompt = own[0].ids[:own[0].prompt_length]
-                routed_here.append((Route.SFT, [
-                    Row(prompt + self.codec.solution_ids(problem.teacher_solutions[j]), len(prompt),
-                        teacher_topk=None if problem.teacher_topk is None else problem.teacher_topk[j])
-                    for j in drawn]))
+                routed_here.append((Route.SFT, solutions))
         for route, group_rows in self.world.gather_objects(routed_here):
             self.queues.push(step, route, group_rows)
+
+    def mixed_group(self, problem, own, teacher):
+        """LUFFY's mixed-policy group: the rollouts with the last in the teacher trajectory's place, the
+        trajectory scored by the reward function, and the group's advantages over all of them."""
+        teacher.reward = score(self.reward_function, [problem.prompt], [self.codec.text(
+            teacher.ids[teacher.prompt_length:])], [problem.answer])[0]
+        teacher.off_policy = True
+        group = own[:-1] + [teacher]
+        advantages = group_advantages(torch.tensor([row.reward for row in group]), group_size=len(group),
+                                      scale=self.config.scale_rewards).advantages.tolist()
+        for row, advantage in zip(group, advantages):
+            row.advantage = advantage
+        return group
 
     # updates --------------------------------------------------------------------------------------------------
     def train_on_queues(self, alpha):
@@ -255,6 +274,8 @@ class Trainer:
                 delta=config.delta or None, importance_sampling_level=config.importance_sampling_level,
                 sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
                 batch_totals=totals, return_metrics=True)
+            if batch["off_policy"] is not None:
+                loss = self.with_off_policy(loss, hidden, weight, bias, batch)
             if self.hard_kl is not None and batch["hard"] is not None:
                 kl, tokens = self.hard_kl.loss(hidden, weight, bias, batch["hard"])
                 prompts_sft, prompts_rl, tokens_sft = (totals.prompts_sft, totals.prompts_rl, totals.tokens_sft) \
@@ -265,6 +286,28 @@ class Trainer:
             return loss, metrics
 
         return self.policy(batch["ids"], batch["attention"], objective)
+
+    def with_off_policy(self, loss, hidden, weight, bias, batch):
+        """Strategy luffy: the on-policy GRPO loss (dypo_loss on the RL rows, alpha 1) joined by LUFFY's
+        off-policy term on the teacher trajectories, -A f(p_t) with the policy shaping f(p) = p / (p + gamma)
+        (no ratio, no clip: Yan et al. 2025, arXiv 2504.14945, section 3.3), each term aggregated over both kinds of
+        row as loss_type says: grpo, the mean over rows of each row's token mean; dapo, the token mean. Token
+        log-probs of the trajectories with gradients: fused_linear_logprobs."""
+        config, rows, mask = self.config, batch["off_policy"], batch["mask"]
+        off_mask = mask.index_select(0, rows)
+        targets = batch["targets"].index_select(0, rows).masked_fill(~off_mask, -100)
+        logps = fused_linear_logprobs(hidden.index_select(0, rows), weight, targets, bias=bias,
+                                      temperature=config.temperature)
+        shaped = torch.sigmoid(logps.float() - math.log(config.luffy_gamma))  # p / (p + gamma)
+        terms = -batch["advantages"].index_select(0, rows)[:, None] * shaped * off_mask
+        on_policy = batch["route"] == Route.RL
+        if config.loss_type == "grpo":
+            count_on, count_off = on_policy.sum(), rows.numel()
+            off = (terms.sum(1) / off_mask.sum(1).clamp(min=1)).sum()
+        else:
+            count_on, count_off = mask[on_policy].sum(), off_mask.sum()
+            off = terms.sum()
+        return (loss * count_on + off) / (count_on + count_off)
 
     # evaluation and state -------------------------------------------------------------------------------------
     def evaluate(self, problems):
@@ -313,12 +356,13 @@ class Trainer:
         self.source.load_state(state["source"])
 
 
-def rollout_metrics(rollouts, rewards, graded, routes):
-    """The step's rewards, grade shares, offline (SFT) ratio of the routed prompts, entropy and rollout tokens."""
-    routed = [route for route in routes if route != Route.SKIP]
+def rollout_metrics(rollouts, rewards, graded, routes, strategy):
+    """The step's rewards, grade shares (of the policy's own rollouts), offline ratio (the mean off-policy share of
+    the routed prompts' data, routing.offline_share), entropy and rollout tokens."""
+    routed = [offline_share(route, strategy, rollouts.group_size) for route in routes if route != Route.SKIP]
     return {"reward_mean": rewards.mean().item(),
             **{f"share_{grade.name.lower()}": (graded.grade == grade).float().mean().item() for grade in Grade},
-            "offline_ratio": sum(route == Route.SFT for route in routed) / len(routed) if routed else 0.0,
+            "offline_ratio": sum(routed) / len(routed) if routed else 0.0,
             "entropy": rollouts.entropy,
             "rollout_tokens": sum(len(row.ids) - row.prompt_length for row in rollouts.rows)}
 

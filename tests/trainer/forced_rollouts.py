@@ -19,7 +19,8 @@ def forced_generate(model, codec, runtime, prompt_ids, *, max_new_tokens, temper
     completions, seen = [], {}
     for ids in prompt_ids:
         prompt = codec.text(ids)
-        a, b = (int(n) for n in prompt.rstrip("=").split("+"))
+        a, *rest = (int(n) for n in prompt.replace(" ", "").rstrip("=").split("+"))  # the OOD sets' prompts too
+        b = sum(rest)
         j = seen[prompt] = seen.get(prompt, -1) + 1
         right = j % 8 < (3 * a + b) % 9
         completions.append(codec.solution_ids(str(a + b if right else a + b + 1)))
@@ -30,13 +31,13 @@ if __name__ == "__main__":
     dypo.policy.generate = forced_generate
     finish = dypo.run._finish
 
-    def finish_and_hash(config, out, history, before, after, eval_prompts, trainer):
+    def finish_and_hash(config, out, history, accuracy, sets, eval_prompts, trainer):
         digest = hashlib.sha256()
         for name, parameter in sorted(trainer.policy.named_parameters()):  # each rank gathers every shard itself
             full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
             digest.update(name.encode() + full.detach().cpu().float().numpy().tobytes())
         Path(out, f"params-rank{trainer.world.rank}.sha256").write_text(digest.hexdigest())
-        return finish(config, out, history, before, after, eval_prompts, trainer)
+        return finish(config, out, history, accuracy, sets, eval_prompts, trainer)
 
     dypo.run._finish = finish_and_hash
     torch.set_num_threads(1)

@@ -43,7 +43,7 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--strategy", "ppo"], "strategy must be one of dypo, grpo, sft, sft_then_rl; got 'ppo'"),
+    (["--strategy", "ppo"], "strategy must be one of dypo, grpo, sft, sft_then_rl, sft_rl, luffy; got 'ppo'"),
     (["--alpha", "2"], "alpha must lie in [0, 1]"),
     (["--loss_type", "ppo"], "loss_type must be one of grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo"),
     (["--loss_type", "sapo", "--delta", "1.5"], "delta caps the ratio of the clipped objective"),

@@ -167,7 +167,8 @@ def test_the_lock_is_held_through_the_run_and_kept_by_overwrite(run, monkeypatch
     monkeypatch.setattr(dypo.trainer.Trainer, "evaluate", lambda self, problems: probe("evaluate") or
                         evaluate(self, problems))
     main([*TINY, "--overwrite_output_dir", "--output_dir", str(run)])
-    assert seen == [(where, str(os.getpid()), True) for where in ("cleared", "evaluate", "evaluate")]
+    evaluations = ("evaluate",) * 4 * 2  # test, validation and two OOD sets, before and after
+    assert seen == [(where, str(os.getpid()), True) for where in ("cleared", *evaluations)]
     assert not (run / ".lock").exists()  # removed when the run ends
 
 
@@ -324,10 +325,11 @@ def test_missing_matplotlib_is_said_once(tmp_path, monkeypatch, capsys):
 # positions -------------------------------------------------------------------------------------------------
 
 def test_rotary_positions_past_the_model_maximum_warn_once(tmp_path, capsys):
-    # the embedded Qwen2 has 64 positions; its longest built-in prompt (2-digit operands) is 7 tokens
+    # the embedded Qwen2 has 64 positions; its longest built-in prompt of this seed (an OOD one: "a + b =" with a
+    # 2-digit operand) is 8 tokens
     main(["--max_steps", "1", "--eval_prompts", "2", "--max_new_tokens", "60", "--output_dir", str(tmp_path / "run")])
     assert warnings_of(capsys.readouterr().err) == [
-        f"{PREFIX}warning: the longest prompt (7 tokens) + max_new_tokens (60) = 67 positions, more than the embedded "
+        f"{PREFIX}warning: the longest prompt (8 tokens) + max_new_tokens (60) = 68 positions, more than the embedded "
         "model's max_position_embeddings (64): positions past it were never trained"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dypo import policy, task, teachers
+from dypo import policy, pretrain, task, teachers
 from dypo.config import Config, parse_config
 from dypo.data import DataError, load_problems
 from dypo.routing import RoutedGroup, Row
@@ -174,23 +174,23 @@ def test_builtin_teachers_train_once_and_a_resumed_run_reuses_them(tmp_path, mon
     monkeypatch.setitem(teachers.BUILTIN_RECIPE, "steps", 3)  # the real recipe's 400 steps: see docs/trainer.md
     run = tmp_path / "run"
     main([*TINY_RUN, "--hard_loss", "sft_kl", "--teacher_models", "builtin", "--output_dir", str(run)])
-    built = sorted((tmp_path / "cache" / "dypo" / "teachers").iterdir())
-    assert len(built) == task.TEACHER_STYLES and capsys.readouterr().out.count("built teacher") == 2
+    built = sorted((tmp_path / "cache" / "dypo" / "models").glob("teacher-*"))
+    assert len(built) == task.TEACHER_STYLES and capsys.readouterr().out.count("built the teacher model") == 2
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["hard_kl_curve"]) == 2 and all(math.isfinite(v) for v in summary["hard_kl_curve"])
     assert all("hard_kl" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
     with safe_open(run / "checkpoint-2" / "model.safetensors", "pt") as saved:  # the student's weights only
         assert set(saved.keys()) == set(policy.tiny_model(Config(), VOCAB, "sdpa").state_dict())
     main(["--resume", str(run), "--max_steps", "3"])
-    assert "built teacher" not in capsys.readouterr().out
-    assert sorted((tmp_path / "cache" / "dypo" / "teachers").iterdir()) == built
+    assert "built the teacher model" not in capsys.readouterr().out
+    assert sorted((tmp_path / "cache" / "dypo" / "models").glob("teacher-*")) == built
 
 
 def test_a_builtin_teacher_is_trained_on_its_own_style(monkeypatch):
     """A few steps of SFT on style 1 ("(b+a)=total") already make it the likelier first token: "("."""
     recipe = {**teachers.builtin_recipes(Config())[1], "steps": 30}
     state = torch.random.get_rng_state()
-    model = teachers.train_builtin_teacher(recipe)
+    model = pretrain.train_tiny(recipe)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
     codec = policy.CharCodec()
     ids = torch.tensor([codec.prompt_ids("3+4=")])
@@ -315,7 +315,7 @@ def test_topk_of_the_wrong_length_is_refused_before_any_training(tmp_path, capsy
      "teacher_models and teacher_topk_field exclude each other: give one teacher source"),
     (["--teacher_models", "builtin"], "teacher_models is used by hard_loss kl or sft_kl only; got hard_loss sft"),
     (["--hard_loss", "kl", "--teacher_models", "builtin", "--strategy", "grpo"],
-     "hard_loss kl trains the hard prompts' teacher trajectories; strategy grpo has none"),
+     "hard_loss kl trains the hard prompts' teacher trajectories by SFT; strategy grpo has none"),
     (["--hard_loss", "kl", "--teacher_models", "builtin", "t2"], "teacher_models builtin stands alone"),
     (["--hard_loss", "kl", "--teacher_topk_field", "topk"], "teacher_topk_field needs data"),
     (["--hard_loss", "kl", "--teacher_topk_field", "topk", "--data", "d.jsonl"],
