@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dypo import plots
-from dypo.stats import mean_sd, paired, paired_text
+from dypo.stats import mean_sd, p_value, paired, paired_text
 
 # name: (python -m dypo.train options, what it is)
 VARIANTS = {
@@ -77,19 +77,20 @@ def worker():
 
 def run_all(runs, workers: int):
     """Each run (run directory, options) in one of ``workers`` worker processes (0: in this process); returns each
-    directory's summary. A directory holding a summary of the same options is not run again."""
+    directory's summary, and how many were not run again: a directory holding a summary of the same options."""
     todo = queue.Queue()
     for run_dir, argv in runs:
         if not ((run_dir / "summary.json").is_file() and (run_dir / "argv.json").is_file() and
                 _results_of(json.loads((run_dir / "argv.json").read_text())) == _results_of(argv)):
             todo.put((run_dir, argv))
-    failures = []
+    failures, done = [], []
 
     def finished(run_dir, argv, answer):
         if "error" in answer:
             failures.append(f"{run_dir}: {answer['error']}")
         else:
             (run_dir / "argv.json").write_text(json.dumps(argv))
+            done.append(run_dir)
 
     if workers == 0:
         from dypo import run
@@ -124,7 +125,8 @@ def run_all(runs, workers: int):
             thread.join()
     if failures:
         raise SystemExit("python -m dypo.compare: runs failed:\n" + "\n".join(failures))
-    return {run_dir: json.loads((run_dir / "summary.json").read_text()) for run_dir, _ in runs}
+    summaries = {run_dir: json.loads((run_dir / "summary.json").read_text()) for run_dir, _ in runs}
+    return summaries, len(runs) - len(done)
 
 
 def _results_of(argv):
@@ -225,11 +227,13 @@ def rate_of(variant):
 
 
 def write_report(results, variance_rows, figures, args, path: Path, seconds):
-    rates, sweep = results.rates, results.args
+    rates = results.rates
     ood_names = list(results.runs("dypo")[0]["ood_sets"])
     lines = [f"# DYPO in miniature: the paper's comparisons ({datetime.date.today()})", "",
              f"Machine: {os.cpu_count()}-core CPU, torch {torch.__version__}. Command: `python -m dypo.compare"
-             f"{' --quick' if args.quick else ''}` ({seconds / 60:.1f} min). Every run starts from the same base model "
+             f"{' --quick' if args.quick else ''}` ({seconds / 60:.1f} min for {args.runs} runs"
+             f"{f', {args.reused} of them reused from an earlier invocation' if args.reused else ''}). "
+             "Every run starts from the same base model "
              f"(`python -m dypo.pretrain`) and trains {args.max_steps} steps of 8 prompts x 8 rollouts on the "
              "built-in task (`a+b=`, operands of 1-2 digits). Accuracy: greedy decoding after training on "
              f"{args.eval_prompts} prompts per set: the test set (in distribution, ID), and the out-of-distribution "
@@ -237,11 +241,11 @@ def write_report(results, variance_rows, figures, args, path: Path, seconds):
              "(`a + b =`, and sums of three one-digit terms). Rates are chosen on a separate validation set.", ""]
     lines += ["## Learning rates", "", f"Validation accuracy, mean over seeds {', '.join(map(str, args.sweep_seeds))}"
               "; the chosen rate in bold. The ablations without a row take dypo's.", "",
-              "| strategy | " + " | ".join(f"{rate:g}" for rate in sweep.learning_rates) + " |",
-              "|---|" + "---|" * len(sweep.learning_rates)]
+              "| strategy | " + " | ".join(f"{rate:g}" for rate in args.learning_rates) + " |",
+              "|---|" + "---|" * len(args.learning_rates)]
     for variant in SWEPT:
         cells = []
-        for rate in sweep.learning_rates:
+        for rate in args.learning_rates:
             value = statistics.mean(results.accuracy(variant, "validation", seeds=args.sweep_seeds, rate=rate))
             cells.append(f"**{value:.3f}**" if rate == rates[variant] else f"{value:.3f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -267,7 +271,7 @@ def write_report(results, variance_rows, figures, args, path: Path, seconds):
 
     seeds = f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))})"
     paired_note = ("dypo - this: the mean paired difference over the seeds, its bootstrap 95% interval, and the "
-                   "two-sided p of the paired t-test.")
+                   "two-sided p of the paired t-test. Claims below hold where p < 0.05 and the interval excludes 0.")
     table("Main table (the paper's Table 1)", [(v, v) for v in MAIN],
           f"Mean ± sd over {seeds}. {paired_note}")
     table("Ablation ladder (Table 3)", LADDER, f"Each rung adds one part of DYPO. {seeds}.")
@@ -311,19 +315,20 @@ def write_report(results, variance_rows, figures, args, path: Path, seconds):
 
 
 def claims(results, numbers):
-    """One line per claim of the paper: holds (the paired interval above 0), not significant, or does not hold."""
+    """One line per claim of the paper: holds (paired t-test p < 0.05 and the bootstrap interval above 0), reversed
+    (the same, below 0), or not significant."""
 
     def verdict(first, second, column, paper):
         mean, interval, p = paired(results.accuracy(first, column), results.accuracy(second, column))
         if interval is None:
             state = "one seed: no verdict"
-        elif interval[0] > 0:
+        elif p < 0.05 and interval[0] > 0:
             state = "**holds**"
-        elif interval[1] < 0:
+        elif p < 0.05 and interval[1] < 0:
             state = "**reversed**"
         else:
             state = "**not significant**"
-        p_text = "" if p is None else f", p {p:.3f}"
+        p_text = "" if p is None else f", {p_value(p)}"
         return f"- {first} > {second}, {column.upper()} ({paper}): {state} ({mean:+.3f}{p_text})."
 
     lines = [verdict("dypo", other, "id", "Table 1") for other in ("sft_then_rl", "luffy", "grpo", "sft")]
@@ -355,7 +360,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m dypo.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of the main tables")
-    parser.add_argument("--sweep_seeds", type=int, nargs="+", default=[100], help="seeds of the rate sweep")
+    parser.add_argument("--sweep_seeds", type=int, nargs="+", default=[100, 101], help="seeds of the rate sweep")
     parser.add_argument("--grid_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the alpha x beta grid")
     parser.add_argument("--learning_rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
     parser.add_argument("--max_steps", type=int, default=300)
@@ -382,7 +387,7 @@ def main(argv=None):
     report_dir.mkdir(parents=True, exist_ok=True)
     sweep = [options(v, seed, rate, args, out) for v in SWEPT for rate in args.learning_rates
              for seed in args.sweep_seeds]
-    summaries = run_all(sweep, args.jobs)
+    summaries, reused = run_all(sweep, args.jobs)
     rates = {}
     for variant in SWEPT:
         rates[variant] = max(args.learning_rates, key=lambda rate: statistics.mean(
@@ -392,7 +397,9 @@ def main(argv=None):
     main_runs = [options(v, seed, rates[v], args, out) for v in VARIANTS for seed in args.seeds]
     grid = [options("dypo", seed, rates["dypo"], args, out, grid_extra(alpha, beta)) for alpha in GRID_ALPHAS
             for beta in GRID_BETAS for seed in args.grid_seeds]
-    summaries.update(run_all(main_runs + grid, args.jobs))
+    later, reused_later = run_all(main_runs + grid, args.jobs)
+    summaries.update(later)
+    args.reused, args.runs = reused + reused_later, len(sweep) + len(main_runs) + len(grid)
     results = Results(summaries, rates, args, out)
     histories = {v: [history(options(v, seed, rates[v], args, out)[0]) for seed in args.seeds] for v in MAIN}
     date = datetime.date.today()

@@ -91,7 +91,8 @@ class Config:
                                                      "that much must be free when it starts")
     vllm_max_model_length: int = option(0, "longest prompt + completion vLLM serves (its KV cache must hold one); "
                                            "0: the model's maximum positions")
-    learning_rate: float = option(3e-3, "AdamW learning rate (tiny model; the paper's 1e-6 is for real models)")
+    learning_rate: float = option(1e-4, "AdamW learning rate (tiny model: dypo's rate in python -m dypo.compare's "
+                                        "sweep; the paper's 1e-6 is for real models)")
     lr_scheduler_type: str = option("constant", f"one of {', '.join(SCHEDULES)} (after warmup)")
     warmup_ratio: float = option(0.0, "share of max_steps with a linear warmup")
     weight_decay: float = option(0.0, "AdamW weight decay")

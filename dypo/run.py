@@ -1,5 +1,6 @@
-"""python -m dypo.train: DYPO end to end. With no arguments: a tiny Qwen2 model built from a config, a character
-tokenizer and built-in multi-digit additions with two rule-based teachers, on a CPU in about a minute. With
+"""python -m dypo.train: DYPO end to end. With no arguments: a tiny Qwen2 model from the built-in base model
+(python -m dypo.pretrain), a character tokenizer and built-in multi-digit additions with two rule-based teachers,
+on a CPU in about a minute and a half. With
 --model and --data: a local Hugging Face causal LM on a JSONL or Parquet file of prompts, answers and teacher
 solutions (nothing is downloaded).
 
@@ -7,8 +8,9 @@ Each step: k rollouts per prompt -> rewards -> group_advantages (advantages and 
 teacher solution drawn uniformly, or on all of them; mid: alpha GRPO + (1 - alpha) GAL on the rollouts; easy:
 dropped) -> the SFT and RL queues; whenever they hold train_batch_size prompts: one policy forward to hidden states
 -> dypo_loss with lm_head.weight (no logits) -> clip -> optimizer step. Old and reference log-probs come from the
-fused forward at rollout time. Strategies for comparison: dypo (default), grpo, sft, sft_then_rl. The run
-directory gets config.json, metrics.jsonl, samples.jsonl, PNG plots, summary.json and checkpoints (--resume
+fused forward at rollout time. Strategies for comparison: dypo (default), grpo, sft, sft_then_rl, sft_rl, luffy.
+Greedy accuracy before and after: the test set, and the built-in task's validation and out-of-distribution sets.
+The run directory gets config.json, metrics.jsonl, samples.jsonl, PNG plots, summary.json and checkpoints (--resume
 RUN_DIR continues from the last one). Under torchrun the same run is sharded with FSDP2 (dypo/distributed.py).
 """
 

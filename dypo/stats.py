@@ -55,9 +55,13 @@ def paired(first, second, resamples=10000, seed=0):
     return mean, interval, t_test_p(mean / (sd / math.sqrt(n)), n - 1)
 
 
+def p_value(p):
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
+
+
 def paired_text(first, second):
     """'+0.123 [+0.050, +0.200], p 0.012' for the report."""
     mean, interval, p = paired(first, second)
     if interval is None:
         return f"{mean:+.3f}"
-    return f"{mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}], p {p:.3f}"
+    return f"{mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}], {p_value(p)}"

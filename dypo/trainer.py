@@ -5,8 +5,9 @@ grades each prompt's group and gives its advantages; routing sends hard prompts'
 uniformly, or all) to the SFT queue and mid groups' rollouts to the RL queue, and drops easy ones; whenever the
 queues hold train_batch_size prompts, one update: a policy forward to hidden states, dypo_loss with lm_head.weight
 (no logits), clip, optimizer step; with --hard_loss kl or sft_kl, plus the hard rows' divergence toward the
-teachers (teachers.py). Strategies for comparison: dypo (default), grpo, sft, sft_then_rl (routing.py). Under
-torchrun the same run is sharded with FSDP2 (distributed.py)."""
+teachers (teachers.py). Strategies for comparison: dypo (default), grpo, sft, sft_then_rl, sft_rl (routing.py),
+and luffy (a teacher trajectory in each RL group, its own off-policy term). Under torchrun the same run is sharded
+with FSDP2 (distributed.py)."""
 
 import copy
 import dataclasses

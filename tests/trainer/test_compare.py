@@ -30,3 +30,4 @@ def test_compare_quick_writes_every_table_the_figures_and_the_claims(tmp_path, m
     assert len(runs) == 7 * 2 + 9 * 2 + 9  # the sweep, every variant over both seeds, the grid
     compare.main(["--quick", "--jobs", "0", "--output_dir", str(tmp_path / "runs"),
                   "--report_dir", str(tmp_path / "docs")])  # nothing runs again: the summaries are there
+    assert "for 41 runs, 41 of them reused from an earlier invocation" in report_path.read_text()
