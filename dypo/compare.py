@@ -12,7 +12,8 @@ base model (pretrain.py), each run ``python -m dypo.train`` with its options.
    batches at the checkpoints of the first seed's dypo run (the paper's eq. 19).
 
 Writes docs/strategy_comparison_DATE.md and its figures (--report_dir). Runs go to --output_dir; a run whose
-summary is there from the same options is not run again. --quick: the whole pipeline at a toy size (seconds).
+summary is there from the same options is not run again. --quick: the whole pipeline at a toy size (under a
+minute).
 """
 
 import argparse
