@@ -42,6 +42,22 @@ def test_a_local_model_trains_on_a_luffy_style_file(model_dir, tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(line["updates"] for line in lines) >= 1
     assert (run / "final_model" / "config.json").is_file() and (run / "final_model" / "tokenizer.json").is_file()
+    assert "validation_accuracy_after" not in summary and summary["ood_sets"] == {}  # --data: no OOD set unless given
+
+
+def test_ood_data_files_are_evaluated_before_and_after(model_dir, tmp_path):
+    def records(pairs):
+        return "".join(json.dumps({"prompt": f"{a}+{b}=?", "reward_model": {"ground_truth": str(a + b)},
+                                   "target": [f"\\boxed{{{a + b}}}"]}) + "\n" for a, b in pairs)
+
+    data, shifted = tmp_path / "train.jsonl", tmp_path / "shifted.jsonl"
+    data.write_text(records([(a, b) for a in range(4) for b in range(4)]))
+    shifted.write_text(records([(a, 10) for a in range(3)]))
+    summary = main(["--model", str(model_dir), "--data", str(data), "--ood_data", str(shifted), "--max_steps", "1",
+                    "--eval_prompts", "2", "--num_generations", "2", "--prompts_per_step", "2",
+                    "--train_batch_size", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "run")])
+    assert list(summary["ood_sets"]) == ["shifted"] and set(summary["ood_sets"]["shifted"]) == {"before", "after"}
+    assert summary["ood_accuracy_after"] == summary["ood_sets"]["shifted"]["after"]
 
 
 def test_missing_model_directory_is_a_one_line_error(tmp_path, capsys):

@@ -162,9 +162,21 @@ def test_a_short_run_writes_its_run_directory(tmp_path):
             "tokens_per_second", "step_seconds", "peak_memory_mb", "updates"} <= set(lines[0])
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1] * 4 + [3] * 4 and {"prompt", "completion", "reward"} <= set(samples[0])
-    assert {"eval_accuracy_before", "eval_accuracy_after", "steps", "reward_curve", "hard_share_curve"} <= set(summary)
+    assert {"eval_accuracy_before", "eval_accuracy_after", "steps", "reward_curve", "hard_share_curve",
+            "validation_accuracy_before", "validation_accuracy_after", "ood_accuracy_before",
+            "ood_accuracy_after"} <= set(summary)
+    assert set(summary["ood_sets"]) == {"spaced", "three_terms"}
+    for when in ("before", "after"):
+        each = [value[when] for value in summary["ood_sets"].values()]
+        assert summary[f"ood_accuracy_{when}"] == pytest.approx(sum(each) / 2)
+        assert all(v * 4 == int(v * 4) for v in each)  # a share of the 4 prompts per set
     assert len(summary["reward_curve"]) == 2  # one value per logging interval
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     if summary["plots"]:
         for name in ("reward.png", "grades.png", "entropy.png", "grad_norm.png"):
             assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_false_writes_no_pngs(tmp_path):
+    summary = main(["--max_steps", "2", "--eval_prompts", "2", "--plots", "false", "--output_dir", str(tmp_path / "r")])
+    assert summary["plots"] == [] and not list((tmp_path / "r").glob("*.png"))
