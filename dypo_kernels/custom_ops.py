@@ -167,8 +167,8 @@ def traceable_loss(metric_names=no_metrics):
 
 
 def _settings(text):
-    temperature, ignore_index, impl, chunk_bytes = _decode(ast.literal_eval(text), [])
-    return temperature, ignore_index, impl, chunk_bytes
+    """(temperature, ignore_index, impl, chunk_bytes) from the literal of fused_linear_logprobs' settings."""
+    return _decode(ast.literal_eval(text), [])
 
 
 @torch.library.custom_op("dypo_kernels::linear_logprobs", mutates_args=())

@@ -28,6 +28,8 @@ from dypo_kernels.validation import (
 )
 from dypo_kernels.vocab_pass.torch_pass import SMALLEST_NORMAL
 
+METRICS = ("num_tokens", "per_token_max")  # the metrics dict of both KL ops
+
 
 @dataclass
 class DenseTeachersPass:
@@ -172,7 +174,7 @@ def _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_wei
 
 @follows_autocast("student_hidden", "student_weight", "student_bias", "teacher_hiddens", "teacher_weights",
                   "teacher_biases")
-@traceable_loss(lambda *args, **kwargs: ["num_tokens", "per_token_max"])
+@traceable_loss(lambda *args, **kwargs: list(METRICS))
 def fused_multi_teacher_kl(student_hidden, student_weight, teacher_hiddens, teacher_weights, *, mask=None,
                            teacher_coefs=None, divergence="forward_kl", jsd_beta=0.5, aggregate="mixture",
                            temperature=1.0, scale_by_temperature_sq=False, student_bias=None, teacher_biases=None,

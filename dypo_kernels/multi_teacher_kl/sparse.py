@@ -11,6 +11,7 @@ from dypo_kernels.amp import follows_autocast
 from dypo_kernels.backend import select_backend
 from dypo_kernels.custom_ops import traceable_loss
 from dypo_kernels.multi_teacher_kl import (
+    METRICS,
     check_student_mask,
     check_teacher_coefs,
     check_teacher_lists,
@@ -138,7 +139,7 @@ def _check_sparse_teachers(student_hidden, vocab_size, teacher_token_ids, teache
 
 
 @follows_autocast("student_hidden", "student_weight", "student_bias")
-@traceable_loss(lambda *args, **kwargs: ["num_tokens", "per_token_max"])
+@traceable_loss(lambda *args, **kwargs: list(METRICS))
 def fused_sparse_teacher_kl(student_hidden, student_weight, teacher_token_ids, teacher_logps, *, mask=None,
                             teacher_coefs=None, tail="bucket", temperature=1.0, student_bias=None,
                             return_metrics=False, cu_seqlens=None, impl=None, chunk_bytes=None):
