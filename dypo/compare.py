@@ -295,7 +295,15 @@ def write_report(results, variance_rows, figures, args, path: Path, seconds):
               f"against steps, mean over {seeds}, shaded ± sd.", "", f"![Figure 5]({figures['figure5'].name})", "",
               "Gradient norms (before clipping) of every update, dypo against grpo from the same base model; the "
               "legend gives their mean and sd over every update of every seed.", "",
-              "## Claims of the paper, as measured here", ""] + claims(results, figures["numbers"])
+              "What makes a step's gradient norm: its mean by the SFT share of the step's trained prompts (updates of "
+              "every seed; the count of steps in brackets). dypo with alpha 1 trains the same routing without GAL.",
+              "", "| strategy | " + " | ".join(label for label, _ in SFT_SHARES) + " | all |",
+              "|---|" + "---|" * (len(SFT_SHARES) + 1)]
+    for variant, buckets in figures["norms_by_share"].items():
+        cells = [f"{statistics.mean(b):.2f} ({len(b)})" if b else "" for b in buckets]
+        everything = [norm for bucket in buckets for norm in bucket]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {statistics.mean(everything):.2f} |")
+    lines += ["", "## Claims of the paper, as measured here", ""] + claims(results, figures["numbers"])
     if variance_rows:
         lines += ["", "## Gradient variance: GRPO alone against alpha GRPO + (1 - alpha) GAL on the same batches", "",
                   f"What Figure 5 does not measure: the variance of the gradient estimator itself. At each checkpoint "
@@ -353,6 +361,23 @@ def claims(results, numbers):
     return lines
 
 
+SFT_SHARES = (("no SFT prompt", lambda share: share == 0), ("SFT share up to 1/4", lambda share: 0 < share <= 0.25),
+              ("1/4 to 1/2", lambda share: 0.25 < share <= 0.5), ("above 1/2", lambda share: share > 0.5))
+
+
+def norms_by_sft_share(histories):
+    """Each strategy's gradient norms (steps with an update) in the buckets of SFT_SHARES, by the share of SFT
+    prompts among the step's trained prompts."""
+    table = {}
+    for variant, runs in histories.items():
+        buckets = [[] for _ in SFT_SHARES]
+        for m in (m for run in runs for m in run if m.get("grad_norm") is not None):
+            share = m.get("num_prompts_sft", 0) / max(1, m.get("num_prompts_sft", 0) + m.get("num_prompts_rl", 0))
+            buckets[next(i for i, (_, within) in enumerate(SFT_SHARES) if within(share))].append(m["grad_norm"])
+        table[variant] = buckets
+    return table
+
+
 def grid_extra(alpha, beta):
     return ("--alpha", f"{alpha:g}", "--beta_gal", f"{beta:g}")
 
@@ -407,6 +432,9 @@ def main(argv=None):
     figures = {"figure4": report_dir / f"figure4_{date}.png", "figure5": report_dir / f"figure5_{date}.png"}
     figures["numbers"] = plots.figure4(histories, figures["figure4"])
     figures["numbers"]["grad_norm"] = plots.figure5(histories, figures["figure5"])
+    figures["norms_by_share"] = norms_by_sft_share({v: histories.get(v) or [
+        history(options(v, seed, rates[v], args, out)[0]) for seed in args.seeds] for v in ("dypo", "dypo_alpha1",
+                                                                                             "grpo")})
     variance_rows = gradient_variance(options("dypo", args.seeds[0], rates["dypo"], args, out)[0], args.batches) \
         if args.batches > 1 else []
     report = report_dir / f"strategy_comparison_{date}.md"

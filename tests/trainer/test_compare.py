@@ -12,6 +12,7 @@ def test_compare_quick_writes_every_table_the_figures_and_the_claims(tmp_path, m
                   "--report_dir", str(tmp_path / "docs")])
     (report_path,) = (tmp_path / "docs").glob("strategy_comparison_*.md")  # dated when written
     report = report_path.read_text()
+    assert "| dypo_alpha1 | " in report.split("What makes a step's gradient norm")[1]
     for heading in ("## Learning rates", "## Main table", "## Ablation ladder", "## Teachers", "## alpha x beta_GAL",
                     "## Claims of the paper", "## Gradient variance"):
         assert heading in report
