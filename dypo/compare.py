@@ -240,8 +240,11 @@ def write_report(results, variance_rows, figures, args, path: Path, seconds):
              f"{args.eval_prompts} prompts per set: the test set (in distribution, ID), and the out-of-distribution "
              f"sets never trained on after the base model (OOD, their mean): {', '.join(ood_names)} "
              "(`a + b =`, and sums of three one-digit terms). Rates are chosen on a separate validation set.", ""]
-    lines += ["## Learning rates", "", f"Validation accuracy, mean over seeds {', '.join(map(str, args.sweep_seeds))}"
-              "; the chosen rate in bold. The ablations without a row take dypo's.", "",
+    lines += ["## Strategies", ""] + [f"- `{name}`: {what} (`{' '.join(['python -m dypo.train', *argv])}`)."
+                                      for name, (argv, what) in VARIANTS.items()]
+    lines += ["", "## Learning rates", "",
+              f"Validation accuracy, mean over seeds {', '.join(map(str, args.sweep_seeds))}; the chosen rate in bold."
+              " The ablations without a row take dypo's.", "",
               "| strategy | " + " | ".join(f"{rate:g}" for rate in args.learning_rates) + " |",
               "|---|" + "---|" * len(args.learning_rates)]
     for variant in SWEPT:

@@ -159,7 +159,8 @@ def _run(config: Config, resume: Optional[Path], overwrite=False, world=None):
     if newest:
         state = _load(out, newest[0], trainer, config, world)
         accuracy_before, elapsed = state["eval_accuracy_before"], state["seconds"]
-        sets_before = state.get("eval_sets_before") or _evaluate_sets(trainer, other_sets)
+        # a checkpoint of a run from before these sets has no "before" for them: unknown, not the resumed model's
+        sets_before = {name: state.get("eval_sets_before", {}).get(name) for name in other_sets}
         _say(world, f"resumed {out} from {newest[0].name}")
     else:
         if resume:
@@ -249,10 +250,10 @@ def _finish(config, out, history, accuracy, sets, eval_prompts, trainer):
 
     summary = {"eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
                "eval_prompts": eval_prompts, "steps": len(history),
-               **{f"{name}_accuracy_{when}": value[when] for name, value in sets.items() if name == "validation"
-                  for when in ("before", "after")},
-               **({f"ood_accuracy_{when}": sum(v[when] for v in ood.values()) / len(ood)
-                   for when in ("before", "after")} if ood else {}),
+               **({f"validation_accuracy_{when}": sets["validation"][when] for when in ("before", "after")}
+                  if "validation" in sets else {}),
+               **({f"ood_accuracy_{when}": _mean([v[when] for v in ood.values()]) for when in ("before", "after")}
+                  if ood else {}),
                "ood_sets": ood,
                "updates": trainer.updates, "seconds": history[-1]["seconds"] if history else 0.0,
                "reward_curve": curve("reward_mean"), "hard_share_curve": curve("share_hard"),
@@ -278,14 +279,23 @@ def _finish(config, out, history, accuracy, sets, eval_prompts, trainer):
     print(f"easy share per {n} steps: {' '.join(f'{v:.2f}' for v in summary['easy_share_curve'])}")
     print(f"eval accuracy: {accuracy_before:.2f} -> {accuracy_after:.2f} ({summary['eval_prompts']} greedy prompts)")
     if ood:
-        each = ", ".join(f"{name} {value['before']:.2f} -> {value['after']:.2f}" for name, value in ood.items())
-        print(f"out of distribution: {summary['ood_accuracy_before']:.2f} -> {summary['ood_accuracy_after']:.2f} "
+        each = ", ".join(f"{name} {_two(value['before'])} -> {_two(value['after'])}" for name, value in ood.items())
+        print(f"out of distribution: {_two(summary['ood_accuracy_before'])} -> {_two(summary['ood_accuracy_after'])} "
               f"({each})")
     print(f"run directory: {out}")
     if not trainer.updates:
         _warn(f"no update in {trainer.step} steps: the SFT and RL queues never held train_batch_size "
               f"({config.train_batch_size}) prompts (every prompt easy, or the batch too large for the steps)")
     return summary
+
+
+def _mean(values):
+    """The mean, or None when a value is unknown (a "before" lost to a resume of an older run)."""
+    return None if None in values else sum(values) / len(values)
+
+
+def _two(value):
+    return "?" if value is None else f"{value:.2f}"
 
 
 def _progress_line(window, step, max_steps):

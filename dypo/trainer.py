@@ -154,7 +154,7 @@ class Trainer:
             for row, logps in zip(rows, ref_logps):
                 row.ref_logps = logps
         advantages = graded.advantages.tolist()
-        strategy, routed_here = config.strategy, []
+        strategy, routed_here, mixed = config.strategy, [], []
         for g, (problem, route) in enumerate(zip(rollouts.problems, routes)):
             drawn = range(min(len(problem.teacher_solutions), config.num_teachers or len(problem.teacher_solutions)))
             taught = route == Route.SFT or route == Route.RL and strategy in ("luffy", "sft_rl")
@@ -166,9 +166,9 @@ class Trainer:
             prompt = own[0].ids[:own[0].prompt_length]
             solutions = [Row(prompt + self.codec.solution_ids(problem.teacher_solutions[j]), len(prompt),
                              teacher_topk=None if problem.teacher_topk is None else problem.teacher_topk[j])
-                         for j in drawn]
+                         for j in drawn] if taught else []
             if route == Route.RL and strategy == "luffy":
-                routed_here.append((Route.RL, self.mixed_group(problem, own, solutions[0])))
+                mixed.append((problem, own, solutions[0]))
             elif route == Route.RL:
                 for j, row in enumerate(own):
                     row.advantage = advantages[g * k + j]
@@ -177,21 +177,29 @@ class Trainer:
                 routed_here.append((Route.RL, own))
             elif route == Route.SFT:
                 routed_here.append((Route.SFT, solutions))
+        routed_here += [(Route.RL, group) for group in self.mixed_groups(mixed)]  # luffy routes nothing else
         for route, group_rows in self.world.gather_objects(routed_here):
             self.queues.push(step, route, group_rows)
 
-    def mixed_group(self, problem, own, teacher):
-        """LUFFY's mixed-policy group: the rollouts with the last in the teacher trajectory's place, the
-        trajectory scored by the reward function, and the group's advantages over all of them."""
-        teacher.reward = score(self.reward_function, [problem.prompt], [self.codec.text(
-            teacher.ids[teacher.prompt_length:])], [problem.answer])[0]
-        teacher.off_policy = True
-        group = own[:-1] + [teacher]
-        advantages = group_advantages(torch.tensor([row.reward for row in group]), group_size=len(group),
+    def mixed_groups(self, groups):
+        """LUFFY's mixed-policy groups from (problem, its rollouts, a teacher row): the last rollout in the teacher
+        trajectory's place, the trajectories scored by the reward function in one call, and the advantages over
+        the mixed groups in one group_advantages call (scale_rewards "batch": over the step's mixed groups)."""
+        if not groups:
+            return []
+        rewards = score(self.reward_function, [problem.prompt for problem, _, _ in groups],
+                        [self.codec.text(teacher.ids[teacher.prompt_length:]) for _, _, teacher in groups],
+                        [problem.answer for problem, _, _ in groups])
+        mixed = []
+        for (_, own, teacher), reward in zip(groups, rewards):
+            teacher.reward, teacher.off_policy = reward, True
+            mixed.append(own[:-1] + [teacher])
+        rows = [row for group in mixed for row in group]
+        advantages = group_advantages(torch.tensor([row.reward for row in rows]), group_size=len(mixed[0]),
                                       scale=self.config.scale_rewards).advantages.tolist()
-        for row, advantage in zip(group, advantages):
+        for row, advantage in zip(rows, advantages):
             row.advantage = advantage
-        return group
+        return mixed
 
     # updates --------------------------------------------------------------------------------------------------
     def train_on_queues(self, alpha):

@@ -13,8 +13,9 @@ def test_compare_quick_writes_every_table_the_figures_and_the_claims(tmp_path, m
     (report_path,) = (tmp_path / "docs").glob("strategy_comparison_*.md")  # dated when written
     report = report_path.read_text()
     assert "| dypo_alpha1 | " in report.split("What makes a step's gradient norm")[1]
-    for heading in ("## Learning rates", "## Main table", "## Ablation ladder", "## Teachers", "## alpha x beta_GAL",
-                    "## Claims of the paper", "## Gradient variance"):
+    assert "- `luffy`: LUFFY: mixed-policy GRPO" in report and "--teacher_models builtin`)." in report
+    for heading in ("## Strategies", "## Learning rates", "## Main table", "## Ablation ladder", "## Teachers",
+                    "## alpha x beta_GAL", "## Claims of the paper", "## Gradient variance"):
         assert heading in report
     for row in ("| dypo | ", "| luffy | ", "| sft_then_rl | ", "| + RL (no grading) | ", "| dypo, one teacher | ",
                 "| dypo, hard: SFT + KL to the teachers | "):

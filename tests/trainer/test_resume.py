@@ -101,3 +101,21 @@ def test_a_damaged_newest_checkpoint_is_refused_naming_the_one_before(tmp_path, 
     shutil.rmtree(run / "checkpoint-4")  # as the error says
     summary = main(["--resume", str(run)])
     assert "resumed" in capsys.readouterr().out and summary["steps"] == 4
+
+
+def test_a_checkpoint_from_before_the_extra_evaluation_sets_resumes_with_their_before_unknown(tmp_path, capsys):
+    """Their "before" is not the resumed model's accuracy: it is reported as unknown (None, "?")."""
+    from dypo.train import main
+
+    run = tmp_path / "run"
+    main(["--max_steps", "1", "--eval_prompts", "2", "--output_dir", str(run)])
+    state_file = run / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["eval_sets_before"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    summary = main(["--resume", str(run), "--max_steps", "2"])
+    assert summary["ood_accuracy_before"] is None and summary["validation_accuracy_before"] is None
+    assert all(value["before"] is None and value["after"] is not None for value in summary["ood_sets"].values())
+    assert summary["eval_accuracy_before"] == state["eval_accuracy_before"]
+    assert "out of distribution: ? -> " in capsys.readouterr().out
